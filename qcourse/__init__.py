@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "tensor_quant", "nn", "calib", "quant_modules", "export", "workflow", "plots",
-    "models", "datasets", "evaluate", "engine", "cli", "utils",
+    "models", "datasets", "evaluate", "postprocess", "engine", "cli", "digits", "course", "train",
+    "viewer",
 }
 
 
