@@ -1,7 +1,7 @@
 """Lessons 1-4 — a small real case: scikit-learn's handwritten digits and a CNN trained in seconds.
 
 The 1,797 8x8 grey-scale digits ship inside scikit-learn, so nothing is downloaded. A
-three-layer CNN reaches about 97-98% test accuracy after a few seconds of CPU training;
+three-layer CNN reaches about 94% test accuracy after a few seconds of CPU training;
 that is enough for quantization effects (bit width, per-channel scales, calibration
 methods) to show up as real accuracy numbers.
 """
