@@ -3,7 +3,7 @@
 Prints, side by side in one run, the median time of each on the same 16M-element float32
 tensor, the ratio (target: qcourse within 1.3x of torch), and how many elements differ.
 
-    python benchmarks/bench_fake_quant.py [--numel 16777216] [--repeats 15]
+    python benchmarks/bench_fake_quant.py [--numel 16777216] [--repeats 15] [--threads N]
 """
 import argparse
 import platform
@@ -29,7 +29,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=16 * 1024 * 1024)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.numel, generator=g)
