@@ -51,7 +51,8 @@ def _qdq_function(step: np.ndarray, num_bits: int, unsigned: bool, narrow_range:
         if not isinstance(axis, int):
             raise ValueError(f"ONNX QuantizeLinear takes a single channel axis, got axis={axis}")
         ch_axis = axis
-    step_t = torch.from_numpy(np.ascontiguousarray(step, dtype=np.float32))
+    # keep a per-tensor step 0-d: ONNX's per-tensor form is a scalar (np.ascontiguousarray would make it (1,))
+    step_t = torch.from_numpy(np.array(step, dtype=np.float32))
     zp_dtype = torch.uint8 if unsigned else torch.int8
     zp_t = torch.zeros(step_t.shape, dtype=zp_dtype)
 

@@ -57,7 +57,9 @@ def test_single_quantizer_exact(tmp_path, desc):
     bound = 255 if desc.unsigned else 127
     np.testing.assert_array_equal(rows[0]["scale"], (np.asarray(desc.amax, np.float32) / np.float32(bound)))
     if desc.axis is not None:
-        assert rows[0]["axis"] == 1
+        assert rows[0]["axis"] == 1 and rows[0]["scale"].shape == (4,)
+    else:  # per-tensor scale and zero point are scalars, as TensorRT's parser expects
+        assert rows[0]["scale"].shape == () and zp.shape == ()
 
 
 def test_minus_128_code_agrees(tmp_path):
