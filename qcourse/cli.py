@@ -3,6 +3,7 @@
     qcourse course [--out runs/course]     the whole course on the embedded default
     qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
     qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
+    qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
     qcourse info                           versions, and whether TensorRT/CUDA are usable
 """
 from __future__ import annotations
@@ -77,6 +78,32 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from qcourse import models
+    from qcourse.datasets import create_dataloader, ensure_default_dataset
+    from qcourse.evaluate import evaluate
+
+    weights = Path(args.weights) if args.weights else default_checkpoint()
+    model = models.load_checkpoint(weights)
+    img_size = args.img_size or int(model.meta.get("img_size", 640))
+    root = Path(args.coco) if args.coco else ensure_default_dataset()
+    split = args.split or ("val2017" if args.coco else "val")
+    loader = create_dataloader(root, split, img_size=img_size, batch_size=args.batch_size)
+    res = evaluate(model, loader, device=args.device, max_batches=args.max_batches)
+    print(f"{weights.name} on {root} [{split}] at {img_size} px: mAP@0.5:0.95 = {res['map']:.4f}, "
+          f"mAP@0.5 = {res['map50']:.4f} ({res['images']} images, {res['total_s']:.1f} s)")
+    return 0
+
+
+def default_checkpoint() -> Path:
+    """The shipped embedded-default checkpoint (``data/yolov7_tiny_shapes.pt``)."""
+    here = Path(__file__).resolve().parent.parent / "data" / "yolov7_tiny_shapes.pt"
+    if not here.is_file():
+        raise FileNotFoundError(f"the default checkpoint {here} is missing; pass --weights PATH "
+                                "or train one with `qcourse train`")
+    return here
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qcourse", description="INT8 quantization for TensorRT, the course.")
     sub = ap.add_subparsers(dest="cmd")
@@ -103,6 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--init", default=None, help="start from this checkpoint's weights")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_train)
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint (default: the shipped model on the synthetic val split)")
+    p.add_argument("--weights", default=None, help="yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint")
+    p.add_argument("--coco", default=None, help="COCO root with val2017/ and annotations/ (default: synthetic)")
+    p.add_argument("--split", default=None, help="split name (default val2017 for COCO, val for synthetic)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 640")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batches", type=int, default=None)
+    p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("info", help="versions and available engines")
     p.set_defaults(fn=_cmd_info)
     args = ap.parse_args(argv)
