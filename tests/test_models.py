@@ -30,16 +30,6 @@ from qcourse.models import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # 64-px inputs gain nothing from intra-op threads, and on a shared 2-core machine idle
-    # OpenMP threads spin: one thread keeps these tests fast; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def v7():
     torch.manual_seed(0)
