@@ -246,7 +246,7 @@ def train(data_root, out_dir, *, arch: str = "yolov7-tiny", img_size: int = 160,
             if metrics["map"] > best_map:
                 best_map = metrics["map"]
                 models.save_checkpoint(ema.ema, out_dir / "best.pt", half=True, img_size=img_size, epoch=epoch + 1,
-                                       map=metrics["map"], map50=metrics["map50"], dataset=str(data_root))
+                                       map=metrics["map"], map50=metrics["map50"], dataset=Path(data_root).name)
         history.append(row)
         log(json.dumps(row))
         with open(out_dir / "log.jsonl", "a") as f:
