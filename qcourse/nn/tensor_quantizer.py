@@ -179,15 +179,8 @@ class TensorQuantizer(nn.Module):
 
     # ----------------------------------------------------------------- amax
     def _check_amax_value(self, value: torch.Tensor):
-        if value.numel() == 0:
-            raise ValueError("amax must not be empty")
-        if torch.isnan(value).any():
-            raise ValueError(f"amax must not be NaN, got {value.flatten()[:8].tolist()}; "
-                             "calibrate on finite data")
-        if (value < 0).any():
-            raise ValueError(f"amax must be >= 0, got {value.flatten()[:8].tolist()}")
-        if torch.isinf(value).any():
-            raise ValueError(f"amax must be finite, got {value.flatten()[:8].tolist()}")
+        # the same rules as a descriptor's amax: non-empty, finite, >= 0
+        QuantDescriptor._check_amax(value)
 
     def _set_amax(self, value: torch.Tensor):
         value = value.detach().float()
