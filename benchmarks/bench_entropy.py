@@ -3,7 +3,7 @@
 Collects a realistic activation histogram — the ReLU output of a randomly initialised
 3x3 convolution on a batch of random images, about 3.3 million samples — at 2048 and
 8192 bins, then times the reference algorithm (the candidate-by-candidate Python loop
-that pytorch_quantization runs, kept as the test oracle in ``tests/reference_calib.py``)
+that pytorch_quantization runs, kept as the test oracle in ``qcourse/calib/reference.py``)
 against ``qcourse.calib.compute_amax_entropy``, and checks that both return the same amax.
 
     python benchmarks/bench_entropy.py            # 2048 and 8192 bins
@@ -23,8 +23,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from reference_calib import ref_amax_entropy, ref_amax_mse  # noqa: E402
+from qcourse.calib.reference import ref_amax_entropy, ref_amax_mse  # noqa: E402
 
 from qcourse import calib  # noqa: E402
 

@@ -181,7 +181,7 @@ def replace_modules(model: nn.Module, ignore: Union[None, str, Iterable[str]] = 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     pats = _compile_ignore(ignore)
     mapping = dict(mapping) if mapping is not None else quant_map()
-    if not include_maxpool and mapping is not None:
+    if not include_maxpool:
         for name in ("MaxPool1d", "MaxPool2d", "MaxPool3d"):
             mapping.pop(getattr(nn.modules.pooling, name), None)
     replaced: List[str] = []

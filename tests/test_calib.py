@@ -11,7 +11,7 @@ from qcourse import calib
 from qcourse.calib import histogram as H
 from qcourse.tensor_quant import QuantDescriptor
 
-from reference_calib import (
+from qcourse.calib.reference import (
     ref_amax_entropy,
     ref_amax_mse,
     ref_amax_percentile,

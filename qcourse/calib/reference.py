@@ -1,10 +1,14 @@
-"""Plain reference versions of the histogram calibration methods (lesson 4's test oracles).
+"""Lesson 4 — the reference algorithms, written plainly: slow on purpose.
+
+The histogram calibration methods exactly as the test oracles, lesson 4 and
+``benchmarks/bench_entropy.py`` use them (one copy for all three).
 
 These follow pytorch_quantization 2.1's ``calib/histogram.py`` step by step — one
 candidate at a time, Python loops over the bins — with two deliberate differences:
 the input histogram is not modified, and the mse sums are float64 (the reference's
 float32 sums saturate). They are slow on purpose: ``qcourse.calib`` must return the
-same amax, and ``benchmarks/bench_entropy.py`` times the entropy loop against it.
+same amax (``tests/test_calib.py``), and lesson 4 and ``benchmarks/bench_entropy.py``
+time the entropy loop against it.
 """
 from collections import Counter
 
