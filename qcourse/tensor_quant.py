@@ -26,9 +26,17 @@ Conventions (identical to TensorRT's and ONNX's ``QuantizeLinear``):
 * ``amax <= 2**-24`` quantizes everything to zero (scale reported as 1.0).
 * FP16 inputs are computed in float32 and returned in FP16.
 * Backward: the straight-through estimator with clipping — the gradient passes
-  unchanged where ``|x| <= amax`` and is zero outside. When ``amax`` requires a gradient
-  it receives the PACT gradient: the sum of the incoming gradient over the clipped
-  elements, signed by the side they were clipped on.
+  unchanged where ``|x| <= amax`` (``0 <= x <= amax`` unsigned) and is zero outside.
+  :func:`tensor_quant` and :func:`fake_tensor_quant` give ``amax`` **no** gradient, as
+  the reference's functions do: an amax taken from the batch (``x.abs().max()``, a dynamic
+  quantizer) must not push a gradient into the element that set the maximum.
+* A *learnable* range is asked for explicitly: :func:`learnable_fake_tensor_quant` (what a
+  ``TensorQuantizer`` with ``learn_amax=True`` calls) gives amax the PACT gradient — the
+  sum of the incoming gradient over the clipped elements, signed by the side they were
+  clipped on.
+* Codes are returned in the input's dtype where it holds every code exactly (float32 to
+  24 bits, FP16 to 11, BF16 to 8); otherwise in float32 (16-bit codes from an FP16
+  tensor would round 32767 up to 32768).
 """
 from __future__ import annotations
 
@@ -55,8 +63,11 @@ __all__ = [
     "fake_tensor_quant",
     "affine_tensor_quant",
     "fake_affine_tensor_quant",
+    "learnable_fake_tensor_quant",
     "TensorQuantFunction",
     "FakeTensorQuantFunction",
+    "LearnableFakeTensorQuantFunction",
+    "FakeAffineTensorQuantFunction",
     "AMAX_EPSILON",
     "FP16_MAX",
 ]
@@ -311,6 +322,19 @@ def _validate(inputs: torch.Tensor, amax: torch.Tensor, num_bits, unsigned, narr
     amin = float(a.min())
     if amin < 0:
         raise ValueError(f"amax must be >= 0, got {amin}")
+    if torch.isinf(a).any():
+        raise ValueError("amax must be finite, got inf: every code would be 0 * inf = NaN; "
+                         "calibrate on finite data or pass a finite amax")
+    try:
+        shape = torch.broadcast_shapes(inputs.shape, amax.shape)
+    except RuntimeError:
+        shape = None
+    if shape != inputs.shape:
+        raise ValueError(
+            f"amax of shape {tuple(amax.shape)} does not broadcast to the input's shape "
+            f"{tuple(inputs.shape)} without changing it; per channel, give amax the input's "
+            "number of dims with 1 everywhere except the channel axis, e.g. (C, 1, 1, 1)"
+        )
     if amax.dtype == torch.half:
         _, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
         scale = max_bound / a.float().clamp_min(AMAX_EPSILON)
@@ -367,31 +391,41 @@ def _codes(x32: torch.Tensor, step: torch.Tensor, tiny, min_bound: int, max_boun
     return out
 
 
-def _clip_mask_grads(ctx, grad_outputs):
+def _inside(inputs: torch.Tensor, amax: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """Where the straight-through estimator passes the gradient: inside the range."""
+    a = amax.to(inputs.dtype)
+    if unsigned:
+        return (inputs >= 0) & (inputs <= a)
+    return inputs.abs() <= a
+
+
+def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a gradient that was broadcast from ``shape`` back down to ``shape``."""
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    for d, n in enumerate(shape):
+        if n == 1 and g.shape[d] != 1:
+            g = g.sum(d, keepdim=True)
+    return g.reshape(shape)
+
+
+def _ste(ctx, grad_outputs) -> torch.Tensor:
+    """Clipped STE: the upstream gradient inside the range, zero outside."""
     inputs, amax = ctx.saved_tensors
-    amax_f = amax.to(inputs.dtype)
-    inside = inputs.abs() <= amax_f
-    grad_inputs = torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs))
-    grad_amax = None
-    if ctx.needs_input_grad[1]:
-        # PACT: d clip(x, -a, a) / d a = sign(x) outside the range, 0 inside.
-        g = torch.where(inside, torch.zeros_like(grad_outputs), grad_outputs * torch.sign(inputs))
-        # reduce to amax's shape (amax broadcasts against inputs)
-        while g.dim() > amax.dim():
-            g = g.sum(0)
-        for d in range(amax.dim()):
-            if amax.shape[d] == 1 and g.shape[d] != 1:
-                g = g.sum(d, keepdim=True)
-        grad_amax = g.to(amax.dtype).reshape(amax.shape)
-    return grad_inputs, grad_amax
+    inside = _inside(inputs, amax, ctx.unsigned)
+    return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs))
 
 
 class TensorQuantFunction(torch.autograd.Function):
-    """Integer codes and the reference-style scale (``max_bound / amax``)."""
+    """Integer codes and the reference-style scale (``max_bound / amax``).
+
+    Backward: clipped STE for the inputs, no gradient for amax.
+    """
 
     @staticmethod
     def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
         ctx.save_for_backward(inputs, amax)
+        ctx.unsigned = unsigned
         min_bound, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
         amax32 = amax.float()
         step, tiny = _step_and_mask(amax32, max_bound)
@@ -400,20 +434,23 @@ class TensorQuantFunction(torch.autograd.Function):
         if tiny is not None:
             scale = torch.where(tiny, torch.ones_like(scale), scale)
         ctx.mark_non_differentiable(scale)
-        return codes.to(inputs.dtype), scale
+        return codes.to(_codes_dtype(inputs.dtype, min_bound, max_bound)), scale
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_scale):
-        grad_inputs, grad_amax = _clip_mask_grads(ctx, grad_outputs)
-        return grad_inputs, grad_amax, None, None, None
+        return _ste(ctx, grad_outputs).to(ctx.saved_tensors[0].dtype), None, None, None, None
 
 
 class FakeTensorQuantFunction(torch.autograd.Function):
-    """Quantize-dequantize: ``clamp(round(x / step)) * step`` with ``step = amax / max_bound``."""
+    """Quantize-dequantize: ``clamp(round(x / step)) * step`` with ``step = amax / max_bound``.
+
+    Backward: clipped STE for the inputs, no gradient for amax.
+    """
 
     @staticmethod
     def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
         ctx.save_for_backward(inputs, amax)
+        ctx.unsigned = unsigned
         min_bound, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
         step, tiny = _step_and_mask(amax.float(), max_bound)
         out = _codes(inputs.float(), step, tiny, min_bound, max_bound, dequantize=True)
@@ -421,8 +458,32 @@ class FakeTensorQuantFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_outputs):
-        grad_inputs, grad_amax = _clip_mask_grads(ctx, grad_outputs)
+        return _ste(ctx, grad_outputs), None, None, None, None
+
+
+class LearnableFakeTensorQuantFunction(FakeTensorQuantFunction):
+    """:class:`FakeTensorQuantFunction` whose amax is trained: the PACT gradient.
+
+    ``d clip(x, -a, a) / d a`` is 0 inside the range and ``sign(x)`` where x is clipped, so
+    amax receives the upstream gradient summed over the clipped elements, with their sign.
+    """
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        grad_inputs = _ste(ctx, grad_outputs)
+        inputs, amax = ctx.saved_tensors
+        grad_amax = None
+        if ctx.needs_input_grad[1]:
+            outside = ~_inside(inputs, amax, ctx.unsigned)
+            g = torch.where(outside, grad_outputs * torch.sign(inputs), torch.zeros_like(grad_outputs))
+            grad_amax = _reduce_to(g, amax.shape).to(amax.dtype)
         return grad_inputs, grad_amax, None, None, None
+
+
+def _codes_dtype(dtype: torch.dtype, min_bound: int, max_bound: int) -> torch.dtype:
+    """The input's float dtype if it holds every code exactly, else float32."""
+    exact_up_to = round(2 / torch.finfo(dtype).eps)   # 2**24 float32, 2**11 fp16, 2**8 bf16
+    return dtype if max(max_bound, -min_bound) <= exact_up_to else torch.float32
 
 
 def tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: bool = False,
@@ -436,8 +497,12 @@ def tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: bool =
             most negative code (-128 for 8 bits). Defaults match pytorch_quantization.
 
     Returns:
-        ``(codes, scale)``: codes stored in ``inputs.dtype``; ``scale = max_bound / amax``
-        (1.0 where amax <= 2**-24), so ``codes / scale`` approximates ``inputs``.
+        ``(codes, scale)``: codes stored in ``inputs.dtype`` where it holds every code
+        exactly, else float32; ``scale = max_bound / amax`` (1.0 where amax <= 2**-24), so
+        ``codes / scale`` approximates ``inputs``.
+
+    Backward: the clipped straight-through estimator for ``inputs``; ``amax`` gets no
+    gradient (use :func:`learnable_fake_tensor_quant` to train it).
     """
     amax = _as_amax_tensor(amax, inputs)
     _validate(inputs, amax, num_bits, unsigned, narrow_range)
@@ -450,10 +515,24 @@ def fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: b
 
     Same arguments as :func:`tensor_quant`. Output dtype = input dtype. The result equals
     ONNX ``DequantizeLinear(QuantizeLinear(x, amax/max_bound, 0))`` element for element.
+    Backward: the clipped straight-through estimator; no gradient to ``amax``.
     """
     amax = _as_amax_tensor(amax, inputs)
     _validate(inputs, amax, num_bits, unsigned, narrow_range)
     return FakeTensorQuantFunction.apply(inputs, amax, num_bits, unsigned, narrow_range)
+
+
+def learnable_fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: bool = False,
+                                narrow_range: bool = True) -> torch.Tensor:
+    """:func:`fake_tensor_quant` with a trainable range (lesson 7, QAT with learnable amax).
+
+    The forward pass is identical. Backward: the clipped STE for ``inputs`` and the PACT
+    gradient for ``amax`` (the upstream gradient summed over the clipped elements, times
+    their sign), reduced to amax's shape.
+    """
+    amax = _as_amax_tensor(amax, inputs)
+    _validate(inputs, amax, num_bits, unsigned, narrow_range)
+    return LearnableFakeTensorQuantFunction.apply(inputs, amax, num_bits, unsigned, narrow_range)
 
 
 # ----------------------------------------------------------------------------------------
@@ -461,8 +540,9 @@ def fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: b
 # ----------------------------------------------------------------------------------------
 def _affine_params(min_range, max_range, num_bits):
     _check_num_bits(num_bits)
-    lo = torch.as_tensor(min_range, dtype=torch.float32)
-    hi = torch.as_tensor(max_range, dtype=torch.float32)
+    # the range is a setting, not something to train through: no gradient flows into it
+    lo = torch.as_tensor(min_range, dtype=torch.float32).detach()
+    hi = torch.as_tensor(max_range, dtype=torch.float32).detach()
     if torch.isnan(lo).any() or torch.isnan(hi).any():
         raise ValueError(f"min_range/max_range must not be NaN, got {lo.tolist()}, {hi.tolist()}")
     if (lo > hi).any():
@@ -474,7 +554,28 @@ def _affine_params(min_range, max_range, num_bits):
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero_point, qmax
+    return scale, zero_point, qmax, lo, hi
+
+
+class FakeAffineTensorQuantFunction(torch.autograd.Function):
+    """Asymmetric quantize-dequantize with the clipped STE (lesson 1).
+
+    Backward: the upstream gradient where ``min_range <= x <= max_range`` (the range after
+    it is widened to contain 0), zero outside; no gradient to the range.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, lo, hi, scale, zero_point, qmax):
+        x = inputs.float()
+        ctx.save_for_backward(x, lo, hi)
+        codes = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
+        return ((codes - zero_point) * scale).to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        x, lo, hi = ctx.saved_tensors
+        inside = (x >= lo) & (x <= hi)
+        return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
 
 
 def affine_tensor_quant(inputs: torch.Tensor, min_range, max_range, num_bits: int = 8):
@@ -482,15 +583,20 @@ def affine_tensor_quant(inputs: torch.Tensor, min_range, max_range, num_bits: in
 
     ``scale = (max - min) / (2**num_bits - 1)``, ``zero_point = round(-min / scale)``,
     ``code = clamp(round(x / scale) + zero_point, 0, 2**num_bits - 1)``. The range is first
-    widened to contain 0. Returns ``(codes, scale, zero_point)`` (float tensors).
+    widened to contain 0. Returns ``(codes, scale, zero_point)`` (float tensors, no gradient:
+    use :func:`fake_affine_tensor_quant` to train through it).
     """
-    scale, zero_point, qmax = _affine_params(min_range, max_range, num_bits)
-    x = inputs.float()
+    scale, zero_point, qmax, _, _ = _affine_params(min_range, max_range, num_bits)
+    x = inputs.detach().float()
     codes = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
     return codes, scale, zero_point
 
 
 def fake_affine_tensor_quant(inputs: torch.Tensor, min_range, max_range, num_bits: int = 8):
-    """Asymmetric quantize-dequantize: ``(code - zero_point) * scale`` (lesson 1)."""
-    codes, scale, zero_point = affine_tensor_quant(inputs, min_range, max_range, num_bits)
-    return ((codes - zero_point) * scale).to(inputs.dtype)
+    """Asymmetric quantize-dequantize: ``(code - zero_point) * scale`` (lesson 1).
+
+    Backward: the clipped straight-through estimator — gradient 1 where
+    ``min_range <= x <= max_range`` (the range widened to contain 0), 0 outside.
+    """
+    scale, zero_point, qmax, lo, hi = _affine_params(min_range, max_range, num_bits)
+    return FakeAffineTensorQuantFunction.apply(inputs, lo, hi, scale, zero_point, qmax)

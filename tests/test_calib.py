@@ -527,3 +527,11 @@ def test_max_compute_amax_rejects_method_but_histogram_requires_it():
     assert m.compute_amax() is not None
     with pytest.raises(TypeError):
         m.compute_amax(method="entropy")
+
+
+def test_mse_near_float32_max_raises_a_clear_error():
+    c = calib.HistogramCalibrator(8)
+    c.collect(torch.tensor([3e38, -3e38, 1.0]))
+    with pytest.raises(ValueError, match="overflow"):
+        c.compute_amax("mse")
+    assert c.compute_amax("percentile") > 0   # the other methods still answer

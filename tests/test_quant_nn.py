@@ -239,3 +239,59 @@ def test_custom_layers_share_one_quantizer():
     w = torch.randn(2, 3, 4)
     out = madd(w, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
     assert out.shape == (2, 3, 4)
+
+
+# ------------------------------------------------------------------ silent wrong results (adversarial)
+def test_axis_out_of_range_raises_instead_of_wrapping():
+    q = quant_nn.TensorQuantizer(QuantDescriptor(axis=3))
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        q(torch.randn(4, 5))
+    q.disable_quant()
+    q.enable_calib()
+    with pytest.raises(ValueError, match="axis"):
+        q(torch.randn(4, 5))   # the calibrators refuse it too
+
+
+def test_inf_amax_from_a_state_dict_is_refused_at_load():
+    q = quant_nn.TensorQuantizer()
+    with pytest.raises(ValueError, match="_amax.*finite"):
+        q.load_state_dict({"_amax": torch.tensor(float("inf"))})
+    assert not q.has_amax
+
+
+@pytest.mark.parametrize("desc, bad", [
+    (QuantDescriptor(), torch.ones(3)),                         # per-tensor given 3 values
+    (QuantDescriptor(axis=0), torch.ones(4, 3, 1, 1)),          # non-channel dim not 1
+])
+def test_wrong_shape_amax_from_a_state_dict_is_refused_at_load(desc, bad):
+    q = quant_nn.TensorQuantizer(desc)
+    with pytest.raises(ValueError, match="_amax"):
+        q.load_state_dict({"_amax": bad})
+
+
+def test_calibrated_amax_shape_cannot_be_swapped_by_a_state_dict():
+    q = quant_nn.TensorQuantizer(QuantDescriptor(axis=0))
+    q.amax = torch.ones(4, 1, 1, 1)
+    with pytest.raises(ValueError, match="cannot replace"):
+        q.load_state_dict({"_amax": torch.ones(8, 1, 1, 1)})
+    assert q.amax.shape == (4, 1, 1, 1)
+
+
+def test_good_state_dict_still_loads():
+    src = quant_nn.TensorQuantizer(QuantDescriptor(axis=0))
+    src.amax = torch.arange(1.0, 5.0).reshape(4, 1, 1, 1)
+    dst = quant_nn.TensorQuantizer(QuantDescriptor(axis=0))
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.amax, src.amax)
+
+
+def test_dynamic_and_calibrated_amax_get_no_gradient():
+    x = torch.tensor([-2.0, 0.3, 3.0], requires_grad=True)
+    q = quant_nn.TensorQuantizer()            # dynamic: amax = max|x| from the batch
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]
+    q = quant_nn.TensorQuantizer(QuantDescriptor(amax=1.0))
+    x.grad = None
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+    assert not any(p.requires_grad for p in q.parameters())

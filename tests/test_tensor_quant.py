@@ -189,7 +189,7 @@ def test_ste_with_clipping():
 def test_pact_gradient_for_amax():
     x = torch.tensor([-3.0, -1.0, 0.5, 2.5, 4.0], requires_grad=True)
     amax = torch.tensor(2.0, requires_grad=True)
-    y = fake_tensor_quant(x, amax)
+    y = tq.learnable_fake_tensor_quant(x, amax)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     y.backward(g)
     # d clip(x,-a,a)/da: -1 below, +1 above, 0 inside
@@ -200,10 +200,82 @@ def test_pact_gradient_for_amax():
 def test_pact_gradient_per_channel_shape():
     x = torch.randn(4, 3, 5, 5)
     amax = torch.full((4, 1, 1, 1), 0.5, requires_grad=True)
-    fake_tensor_quant(x, amax).sum().backward()
+    tq.learnable_fake_tensor_quant(x, amax).sum().backward()
     assert amax.grad.shape == amax.shape
     ref = torch.sign(x) * (x.abs() > 0.5)
     torch.testing.assert_close(amax.grad.flatten(), ref.sum(dim=(1, 2, 3)))
+
+
+def _range_mask(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The independent oracle: the STE passes the gradient exactly where lo <= x <= hi."""
+    return ((x >= lo) & (x <= hi)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fn", ["tensor_quant", "fake_tensor_quant"])
+def test_amax_gets_no_gradient(fn):
+    # the reference's quantize functions are not differentiable in amax
+    x = torch.randn(50, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    amax = torch.tensor(0.7, requires_grad=True)
+    out = getattr(tq, fn)(x, amax)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert amax.grad is None
+    np.testing.assert_array_equal(x.grad.numpy(), _range_mask(x.detach().numpy(), -0.7, 0.7))
+
+
+@pytest.mark.parametrize("divisor", [1.0, 2.0, 3.5])
+@pytest.mark.parametrize("fn", ["tensor_quant", "fake_tensor_quant"])
+def test_amax_from_the_input_leaks_no_gradient(fn, divisor):
+    # amax = max|x| / d: the element that sets the maximum lies outside the range for
+    # d > 1 and must get gradient 0, as every other clipped element (200 random trials)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(200):
+        x = (torch.randn(32, generator=gen) * 3).requires_grad_(True)
+        amax = x.abs().max() / divisor
+        out = getattr(tq, fn)(x, amax)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        a = float(amax.detach())
+        np.testing.assert_array_equal(x.grad.numpy(), _range_mask(x.detach().numpy(), -a, a))
+
+
+def test_ste_boundaries_and_unsigned():
+    x = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, 1.0000001, 2.0], requires_grad=True)
+    tq.fake_tensor_quant(x, 1.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), _range_mask(x.detach().numpy(), -1.0, 1.0))
+    u = torch.tensor([0.0, 0.25, 1.0, 1.5], requires_grad=True)
+    tq.fake_tensor_quant(u, 1.0, unsigned=True).sum().backward()
+    np.testing.assert_array_equal(u.grad.numpy(), _range_mask(u.detach().numpy(), 0.0, 1.0))
+
+
+def test_ste_dtype_follows_input():
+    x = torch.tensor([0.5, 2.0], dtype=torch.float16, requires_grad=True)
+    codes, _ = tq.tensor_quant(x, 1.0, num_bits=16)
+    codes.sum().backward()
+    assert x.grad.dtype == torch.float16 and x.grad.tolist() == [1.0, 0.0]
+
+
+def test_affine_ste_from_the_issue():
+    x = torch.linspace(-2, 2, 9, requires_grad=True)
+    tq.fake_affine_tensor_quant(x, torch.tensor(-1.0), torch.tensor(1.5), 8).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), _range_mask(x.detach().numpy(), -1.0, 1.5))
+
+
+def test_affine_ste_random_ranges_and_range_widened_to_zero():
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        x = (torch.randn(64, generator=gen) * 2).requires_grad_(True)
+        lo, hi = sorted((torch.randn(2, generator=gen) * 1.5).tolist())
+        up = torch.randn(64, generator=gen)
+        tq.fake_affine_tensor_quant(x, lo, hi).backward(up)
+        mask = _range_mask(x.detach().numpy(), min(lo, 0.0), max(hi, 0.0))
+        np.testing.assert_array_equal(x.grad.numpy(), up.numpy() * mask)
+
+
+def test_affine_range_from_the_input_gets_no_gradient():
+    x = torch.randn(20, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    lo, hi = x.min() / 2, x.max() / 2          # computed from x, so they carry autograd history
+    tq.fake_affine_tensor_quant(x, lo, hi).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(),
+                                  _range_mask(x.detach().numpy(), lo.item(), hi.item()))
 
 
 def test_gradcheck_is_ste_not_true_derivative():
@@ -228,7 +300,7 @@ def test_affine_matches_torch():
     x = torch.randn(5000, generator=torch.Generator().manual_seed(6)) + 0.7
     lo, hi = float(x.min()), float(x.max())
     ours = tq.fake_affine_tensor_quant(x, lo, hi)
-    scale, zp, _ = tq._affine_params(lo, hi, 8)
+    scale, zp, _, _, _ = tq._affine_params(lo, hi, 8)
     theirs = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, 255)
     _assert_close_to_torch(ours, theirs, float(scale))
 
@@ -274,3 +346,40 @@ def test_descriptor_defaults_and_copy():
 def test_descriptor_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         QuantDescriptor(**kwargs)
+
+
+# ------------------------------------------------------------------ silent wrong results (adversarial)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_bits", [8, 12, 16])
+def test_half_inputs_never_exceed_the_largest_code(dtype, num_bits):
+    x = torch.tensor([1.0, -1.0, 0.999, 0.5], dtype=dtype)
+    codes, _ = tensor_quant(x, 1.0, num_bits=num_bits)
+    ref, _, _ = np_quant(x.float().numpy(), 1.0, num_bits, unsigned=False, narrow_range=True)
+    np.testing.assert_array_equal(codes.float().numpy(), ref)
+    assert float(codes.max()) <= 2 ** (num_bits - 1) - 1
+
+
+def test_half_codes_keep_their_dtype_where_exact():
+    codes, _ = tensor_quant(torch.tensor([1.0], dtype=torch.float16), 1.0, num_bits=8)
+    assert codes.dtype == torch.float16 and codes.tolist() == [127.0]
+    codes, _ = tensor_quant(torch.tensor([1.0], dtype=torch.float16), 1.0, num_bits=16)
+    assert codes.dtype == torch.float32 and codes.tolist() == [32767.0]
+
+
+@pytest.mark.parametrize("fn", [tensor_quant, fake_tensor_quant])
+@pytest.mark.parametrize("amax", [math.inf, torch.tensor([1.0, math.inf])])
+def test_inf_amax_is_refused(fn, amax):
+    with pytest.raises(ValueError, match="finite"):
+        fn(torch.ones(2), amax)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 4), (4, 1)])
+def test_amax_that_broadcasts_up_is_refused(shape):
+    with pytest.raises(ValueError, match="does not broadcast"):
+        fake_tensor_quant(torch.ones(4), torch.ones(shape))
+
+
+def test_amax_that_broadcasts_down_still_works():
+    x = torch.randn(4, 3, 2, 2)
+    out = fake_tensor_quant(x, torch.ones(4, 1, 1, 1))
+    assert out.shape == x.shape

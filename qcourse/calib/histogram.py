@@ -674,8 +674,15 @@ def _mse_setup(hist, bin_edges, num_bits, unsigned, stride, start_bin):
     _check_search_args(stride, start_bin, len(h), min_start=0)
     if e[0] < 0:
         raise ValueError(f"bin_edges must start at >= 0 (a histogram of |x|), got {e[0]}")
-    e32 = e.astype(np.float32)
-    centers = (e32[1:] + e32[:-1]) / 2                      # float32, as the reference
+    with np.errstate(over="ignore"):
+        e32 = e.astype(np.float32)
+        centers = (e32[1:] + e32[:-1]) / 2                  # float32, as the reference
+    if not np.isfinite(centers).all():
+        raise ValueError(
+            f"mse cannot score amax candidates: the histogram reaches {float(e[-1]):.6g}, beyond "
+            "what float32 bin centres can hold. The calibrated tensor has values near the float32 "
+            "maximum: check the model for overflow, or use method='max' or 'percentile'"
+        )
     counts = h.astype(np.float64)
     cands = np.arange(start_bin, len(centers), stride, dtype=np.int64)
     return centers, counts, cands

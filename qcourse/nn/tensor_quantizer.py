@@ -15,7 +15,8 @@ Without a stored amax the quantizer is *dynamic*: amax is the current tensor's
 ``max(|x|)`` (per tensor or per channel), recomputed every call.
 
 With ``learn_amax=True`` amax is a ``torch.nn.Parameter`` trained through the PACT
-gradient of :func:`qcourse.tensor_quant.fake_tensor_quant` (lesson 7).
+gradient of :func:`qcourse.tensor_quant.learnable_fake_tensor_quant` (lesson 7); otherwise
+amax gets no gradient, whether stored or dynamic.
 
 For ONNX export the quantizer emits a ``QuantizeLinear``/``DequantizeLinear`` pair
 (see :mod:`qcourse.export`), computing in PyTorch exactly what ONNX Runtime computes.
@@ -182,6 +183,22 @@ class TensorQuantizer(nn.Module):
         # the same rules as a descriptor's amax: non-empty, finite, >= 0
         QuantDescriptor._check_amax(value)
 
+    def _check_amax_shape(self, value: torch.Tensor):
+        """An amax that cannot belong to this quantizer is refused now, not at forward time."""
+        if self.has_amax and self._amax.shape != value.shape:
+            raise ValueError(f"amax of shape {tuple(value.shape)} cannot replace this quantizer's "
+                             f"amax of shape {tuple(self._amax.shape)}; was the checkpoint made "
+                             "for another model or another quantization axis?")
+        if self._axis is None and value.numel() != 1:
+            raise ValueError(f"a per-tensor quantizer needs one amax, got shape {tuple(value.shape)}; "
+                             "per-channel amax needs a descriptor with axis=...")
+        if self._axis is not None and value.dim():
+            axes = (self._axis,) if isinstance(self._axis, int) else self._axis
+            keep = {a % value.dim() for a in axes if -value.dim() <= a < value.dim()}
+            if len(keep) != len(axes) or any(value.shape[d] != 1 for d in range(value.dim()) if d not in keep):
+                raise ValueError(f"per-channel amax of shape {tuple(value.shape)} does not fit axis="
+                                 f"{self._axis}: every dim except the channel axis must be 1, e.g. (C, 1, 1, 1)")
+
     def _set_amax(self, value: torch.Tensor):
         value = value.detach().float()
         if self.has_amax:
@@ -244,12 +261,23 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is not None:
             self._calibrator.reset()
 
+    def _axes_of(self, inputs: torch.Tensor) -> set:
+        """The descriptor's axes as non-negative dims of ``inputs`` (checked, never wrapped)."""
+        axes = (self._axis,) if isinstance(self._axis, int) else self._axis
+        for a in axes:
+            if not -inputs.dim() <= a < inputs.dim():
+                raise ValueError(
+                    f"quantization axis {a} is out of range for a {inputs.dim()}-D input of shape "
+                    f"{tuple(inputs.shape)}; use an axis in {-inputs.dim()}..{inputs.dim() - 1} "
+                    "(0 for a conv or linear weight's output channel, 1 for activations' channel)"
+                )
+        return {a % inputs.dim() for a in axes}
+
     def _dynamic_amax(self, inputs: torch.Tensor) -> torch.Tensor:
         x = inputs.detach().abs()
         if self._axis is None:
             return x.max().float() if x.numel() else torch.zeros((), device=x.device)
-        axes = (self._axis,) if isinstance(self._axis, int) else self._axis
-        keep = {a % x.dim() for a in axes}
+        keep = self._axes_of(x)
         reduce = [d for d in range(x.dim()) if d not in keep]
         return torch.amax(x, dim=reduce, keepdim=True).float() if reduce else x.float()
 
@@ -269,15 +297,19 @@ class TensorQuantizer(nn.Module):
     # ----------------------------------------------------------------- forward
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         amax = self._get_amax(inputs)
-        if self._axis is not None and amax.dim() and amax.dim() != inputs.dim():
-            raise ValueError(f"per-channel amax of shape {tuple(amax.shape)} does not broadcast "
-                             f"against an input of shape {tuple(inputs.shape)}")
+        if self._axis is not None:
+            self._axes_of(inputs)
+            if amax.dim() and amax.dim() != inputs.dim():
+                raise ValueError(f"per-channel amax of shape {tuple(amax.shape)} does not broadcast "
+                                 f"against an input of shape {tuple(inputs.shape)}")
         if self._fake_quant:
             if torch.onnx.is_in_onnx_export():
                 from qcourse.export import export_qdq
 
                 return export_qdq(self, inputs, amax)
-            return tq.fake_tensor_quant(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
+            # only a learnable amax gets a gradient (PACT); a calibrated or dynamic one gets none
+            fn = tq.learnable_fake_tensor_quant if self._learn_amax else tq.fake_tensor_quant
+            return fn(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
         codes, _ = tq.tensor_quant(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
         return codes
 
@@ -301,10 +333,15 @@ class TensorQuantizer(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "_amax"
         if key in state_dict:
-            value = state_dict[key]
-            if not self.has_amax or self._amax.shape != value.shape:
+            value = torch.as_tensor(state_dict[key]).detach().float().cpu()
+            try:
+                self._check_amax_value(value)
+                self._check_amax_shape(value)
+            except ValueError as e:
+                raise ValueError(f"state_dict entry {key!r}: {e}") from None
+            if not self.has_amax:
                 # a calibrated checkpoint loaded into a fresh (dynamic) quantizer
-                self._set_amax(torch.as_tensor(value).float())
+                self._set_amax(value)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -429,18 +429,19 @@ def plot_accuracy_vs_bits(bits: Sequence[int], curves: Mapping[str, Sequence[flo
 def plot_ste(amax: float = 1.0, num_bits: int = 3, x=None, dpi: int = 90):
     """Forward staircase, straight-through gradient and PACT amax gradient (lesson 2).
 
-    All three curves come from :func:`~qcourse.tensor_quant.fake_tensor_quant` and
-    autograd: ``x`` (default 601 points over +-1.5 amax) requires grad, and so does an
-    amax broadcast to ``x``'s shape, so one backward of ``y.sum()`` gives each element's
-    ``dy/dx`` (the STE: 1 inside the range, 0 where clipped) and ``dy/damax`` (PACT: 0
-    inside, ``sign(x)`` where clipped). Lines ``gid``: "forward", "grad-x", "grad-amax".
+    All three curves come from :func:`~qcourse.tensor_quant.learnable_fake_tensor_quant`
+    (the forward of ``fake_tensor_quant`` plus PACT for a learnable amax) and autograd:
+    ``x`` (default 601 points over +-1.5 amax) requires grad, and so does an amax broadcast
+    to ``x``'s shape, so one backward of ``y.sum()`` gives each element's ``dy/dx`` (the STE:
+    1 inside the range, 0 where clipped) and ``dy/damax`` (PACT: 0 inside, ``sign(x)`` where
+    clipped). Lines ``gid``: "forward", "grad-x", "grad-amax".
     """
     plt = _plt()
     if x is None:
         x = torch.linspace(-1.5 * amax, 1.5 * amax, 601)
     x = torch.as_tensor(x, dtype=torch.float32).detach().flatten().sort().values.requires_grad_(True)
     a = torch.full_like(x, float(amax)).requires_grad_(True)
-    y = tq.fake_tensor_quant(x, a, num_bits)
+    y = tq.learnable_fake_tensor_quant(x, a, num_bits)
     y.sum().backward()
     xn, yn = x.detach().numpy(), y.detach().numpy()
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.9), dpi=dpi)
