@@ -14,14 +14,12 @@ The 8192-bin reference run takes tens of seconds: that slowness is the point.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 import torch
+from _timing import machine, timed
 
 from qcourse.calib.reference import ref_amax_entropy, ref_amax_mse  # noqa: E402
 
@@ -39,15 +37,6 @@ def activations(seed: int = 0) -> torch.Tensor:
         return torch.relu(conv(images))
 
 
-def best_of(fn, repeat: int):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, times
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bins", type=int, nargs="+", default=[2048, 8192])
@@ -59,8 +48,7 @@ def main(argv=None) -> int:
     x = activations()
     print(f"activations: {x.numel():,} samples, {float((x == 0).float().mean()):.0%} zeros, "
           f"max {float(x.max()):.4f}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
-          f"numpy {np.__version__}, torch {torch.__version__}")
+    print(machine())
     calib.compute_amax_entropy(np.arange(1, 300), np.arange(300.0), start_bin=200)   # warm-up
 
     rows = []
@@ -76,8 +64,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             want = ref(hist, edges)
             t_ref = time.perf_counter() - t0
-            got, times = best_of(lambda: fast(hist, edges), args.repeat)
-            t_fast = statistics.median(times)
+            got, t_fast = timed(lambda: fast(hist, edges), args.repeat, warmup=0)
             same = got == want
             ok &= same
             rows.append((name, nb, t_ref, t_fast, t_ref / t_fast, want, got, same))
@@ -96,9 +83,8 @@ def main(argv=None) -> int:
         cal = calib.HistogramCalibrator(8, None, False, num_bins=nb)
         cal.collect(x)
         top = float(x.max())
-        _, t_ours = best_of(lambda: cal.collect(x), args.repeat)
-        _, t_histc = best_of(lambda: torch.histc(x, nb, 0.0, top), args.repeat)
-        a, b = statistics.median(t_ours), statistics.median(t_histc)
+        _, a = timed(lambda: cal.collect(x), args.repeat, warmup=0)
+        _, b = timed(lambda: torch.histc(x, nb, 0.0, top), args.repeat, warmup=0)
         print(f"  {nb:5d} bins: qcourse {a * 1e3:7.1f} ms ({a / x.numel() * 1e9:5.1f} ns/sample), "
               f"torch.histc {b * 1e3:7.1f} ms -> {a / b:.2f}x histc's time")
     if not ok:

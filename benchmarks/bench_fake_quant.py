@@ -6,23 +6,11 @@ tensor, the ratio (target: qcourse within 1.3x of torch), and how many elements 
     python benchmarks/bench_fake_quant.py [--numel 16777216] [--repeats 15] [--threads N]
 """
 import argparse
-import platform
-import statistics
-import time
 
 import torch
+from _timing import machine, timed
 
 from qcourse.tensor_quant import fake_tensor_quant
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -54,13 +42,12 @@ def main():
          lambda: torch.fake_quantize_per_channel_affine(w, w_amax / 127, zp, 0, -128, 127)),
     ]
     print(f"fake quantization of {args.numel:,} float32 elements, median of {args.repeats} runs")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(machine())
     print(f"{'case':32s} {'qcourse ms':>11s} {'torch ms':>9s} {'ratio':>6s} {'differ':>7s}")
     worst = 0.0
     for name, ours, theirs in cases:
-        t_ours = median_time(ours, args.repeats)
-        t_torch = median_time(theirs, args.repeats)
+        _, t_ours = timed(ours, args.repeats)
+        _, t_torch = timed(theirs, args.repeats)
         ratio = t_ours / t_torch
         worst = max(worst, ratio)
         differ = int((ours() != theirs()).sum())

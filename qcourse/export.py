@@ -1,6 +1,8 @@
 """Lesson 3 — export a fake-quantized model to ONNX with explicit Q/DQ pairs.
 
-Each enabled :class:`~qcourse.nn.TensorQuantizer` becomes::
+The ONNX form lives with the function it exports (``FakeTensorQuantFunction.symbolic`` in
+:mod:`qcourse.tensor_quant`, as in the reference); this module drives the exporter and
+reads the graphs back. Each enabled :class:`~qcourse.nn.TensorQuantizer` becomes::
 
     QuantizeLinear(x, y_scale, y_zero_point[, axis]) -> DequantizeLinear(...)
 
@@ -26,75 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcourse import tensor_quant as tq
+from qcourse.nn import TensorQuantizer
 
-__all__ = ["export_qdq", "export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
-
-
-def _step_numpy(amax: torch.Tensor, max_bound: int, axis) -> np.ndarray:
-    amax32 = amax.detach().float().cpu()
-    step = amax32 / max_bound
-    if axis is None:
-        if step.numel() != 1:
-            raise ValueError(f"per-tensor quantizer has amax of shape {tuple(step.shape)}")
-        return step.reshape(()).numpy()
-    return step.reshape(-1).numpy()
-
-
-def _qdq_function(step: np.ndarray, num_bits: int, unsigned: bool, narrow_range: bool, axis, rank: int):
-    """Build an autograd Function whose symbolic emits constants for this quantizer."""
-    if num_bits != 8:
-        raise ValueError(f"ONNX QuantizeLinear (opset 13) supports 8-bit codes only, got num_bits={num_bits}; "
-                         "export 8-bit quantizers, or keep this one disabled for export")
-    ch_axis = None
-    if axis is not None:
-        if not isinstance(axis, int):
-            raise ValueError(f"ONNX QuantizeLinear takes a single channel axis, got axis={axis}")
-        ch_axis = axis
-    # keep a per-tensor step 0-d: ONNX's per-tensor form is a scalar (np.ascontiguousarray would make it (1,))
-    step_t = torch.from_numpy(np.array(step, dtype=np.float32))
-    zp_dtype = torch.uint8 if unsigned else torch.int8
-    zp_t = torch.zeros(step_t.shape, dtype=zp_dtype)
-
-    class _QDQ(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, inputs, amax):
-            return tq.fake_tensor_quant(inputs, amax, num_bits, unsigned, narrow_range)
-
-        @staticmethod
-        def symbolic(g, inputs, amax):
-            scale = g.op("Constant", value_t=step_t)
-            zp = g.op("Constant", value_t=zp_t)
-            x = inputs
-            if narrow_range and not unsigned:
-                lower = -127.0 * step_t
-                if ch_axis is not None:
-                    # shape (C, 1, ..., 1): broadcasts along the channel axis
-                    lower = lower.reshape([-1] + [1] * (rank - ch_axis - 1))
-                x = g.op("Max", x, g.op("Constant", value_t=lower.to(torch.float32)))
-            kw = {"axis_i": ch_axis} if ch_axis is not None else {}
-            q = g.op("QuantizeLinear", x, scale, zp, **kw)
-            return g.op("DequantizeLinear", q, scale, zp, **kw)
-
-    return _QDQ
-
-
-def export_qdq(quantizer, inputs: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """Called by TensorQuantizer.forward while ``torch.onnx.export`` traces the model."""
-    _, max_bound = tq.quant_bounds(quantizer.num_bits, quantizer.unsigned, quantizer.narrow_range)
-    step = _step_numpy(amax, max_bound, quantizer.axis)
-    axis = quantizer.axis
-    if axis is not None and axis < 0:
-        axis += inputs.dim()
-    fn = _qdq_function(step, quantizer.num_bits, quantizer.unsigned, quantizer.narrow_range, axis,
-                       inputs.dim())
-    return fn.apply(inputs, amax)
+__all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
 
 
 def check_exportable(model: nn.Module) -> List[str]:
     """Names of enabled quantizers that cannot be exported (no amax / not 8-bit), with reasons."""
-    from qcourse.nn import TensorQuantizer
-
     problems = []
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer) and m.is_enabled and m.is_quant_enabled:
@@ -204,11 +144,14 @@ def list_qdq_nodes(model_or_path) -> List[Dict]:
 
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path)
     consts = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
+    for node in model.graph.node:   # graph order: an Identity comes after what it copies
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(a.t)
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            # the exporter shares one folded scale between quantizers that share an amax
+            consts[node.output[0]] = consts[node.input[0]]
     rows = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":

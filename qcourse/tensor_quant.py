@@ -46,6 +46,8 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from qcourse.utils import check_bool, is_int
+
 __all__ = [
     "ScaledQuantDescriptor",
     "QuantDescriptor",
@@ -59,6 +61,9 @@ __all__ = [
     "QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL",
     "QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL",
     "quant_bounds",
+    "normalized_axes",
+    "check_num_bits",
+    "CALIBRATORS",
     "tensor_quant",
     "fake_tensor_quant",
     "affine_tensor_quant",
@@ -77,23 +82,17 @@ AMAX_EPSILON = 2.0 ** -24
 #: Largest finite FP16 value; a scale above it cannot be represented in FP16.
 FP16_MAX = 65504.0
 
-_CALIB_METHODS = ("max", "histogram")
+#: The calibrators a descriptor can ask for (``calib_method``); how a histogram becomes
+#: amax (entropy, mse, percentile) is :data:`qcourse.calib.METHODS`.
+CALIBRATORS = ("max", "histogram")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_num_bits(num_bits) -> None:
-    if not _is_int(num_bits):
+def check_num_bits(num_bits) -> None:
+    """Raise unless ``num_bits`` is an int in 2..16 (the widths qcourse quantizes to)."""
+    if not is_int(num_bits):
         raise TypeError(f"num_bits must be an int, got {num_bits!r} of type {type(num_bits).__name__}")
     if not 2 <= num_bits <= 16:
         raise ValueError(f"num_bits must be in 2..16, got {num_bits}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True) -> Tuple[int, int]:
@@ -102,7 +101,7 @@ def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool =
     >>> quant_bounds(8), quant_bounds(8, narrow_range=False), quant_bounds(8, unsigned=True)
     ((-127, 127), (-128, 127), (0, 255))
     """
-    _check_num_bits(num_bits)
+    check_num_bits(num_bits)
     max_bound = 2 ** (num_bits - 1 + int(unsigned)) - 1
     if unsigned:
         min_bound = 0
@@ -111,6 +110,27 @@ def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool =
     else:
         min_bound = -max_bound - 1
     return min_bound, max_bound
+
+
+def normalized_axes(axis, x: torch.Tensor) -> Tuple[int, ...]:
+    """``axis`` (an int or a tuple of ints) as non-negative dims of ``x``, checked, never wrapped.
+
+    >>> normalized_axes(-1, torch.zeros(2, 3))
+    (1,)
+    """
+    axes = (axis,) if is_int(axis) else tuple(axis)
+    norm = []
+    for a in axes:
+        if not -x.dim() <= a < x.dim():
+            raise ValueError(
+                f"quantization axis {a} is out of range for a {x.dim()}-D tensor of shape "
+                f"{tuple(x.shape)}; use an axis in {-x.dim()}..{x.dim() - 1} (0 for a conv or "
+                "linear weight's output channel, 1 for activations' channel)"
+            )
+        norm.append(a % x.dim())
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"axis {axis} names the same dim twice for a {x.dim()}-D tensor")
+    return tuple(norm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,19 +159,19 @@ class ScaledQuantDescriptor:
     """
 
     def __init__(self, num_bits: int = 8, name: Optional[str] = None, **kwargs):
-        _check_num_bits(num_bits)
+        check_num_bits(num_bits)
         self._num_bits = int(num_bits)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
         self._name = name
 
         self._fake_quant = kwargs.pop("fake_quant", True)
-        _check_bool("fake_quant", self._fake_quant)
+        check_bool("fake_quant", self._fake_quant)
 
         self._axis = self._check_axis(kwargs.pop("axis", None))
 
         self._learn_amax = kwargs.pop("learn_amax", False)
-        _check_bool("learn_amax", self._learn_amax)
+        check_bool("learn_amax", self._learn_amax)
         if self._learn_amax and self._axis is not None:
             raise TypeError(
                 f"learn_amax=True supports per-tensor amax only; got axis={self._axis!r}. "
@@ -170,17 +190,17 @@ class ScaledQuantDescriptor:
         self._scale_amax = scale_amax
 
         self._calib_method = kwargs.pop("calib_method", "max")
-        if self._calib_method not in _CALIB_METHODS:
+        if self._calib_method not in CALIBRATORS:
             raise ValueError(
-                f"calib_method must be one of {_CALIB_METHODS}, got {self._calib_method!r}. "
+                f"calib_method must be one of {CALIBRATORS}, got {self._calib_method!r}. "
                 "entropy, mse and percentile are ways to compute amax from a 'histogram' "
                 "calibrator: pass them to load_calib_amax(method=...)."
             )
 
         self._unsigned = kwargs.pop("unsigned", False)
-        _check_bool("unsigned", self._unsigned)
+        check_bool("unsigned", self._unsigned)
         self._narrow_range = kwargs.pop("narrow_range", False)
-        _check_bool("narrow_range", self._narrow_range)
+        check_bool("narrow_range", self._narrow_range)
 
         if kwargs:
             raise TypeError(f"Unknown QuantDescriptor arguments: {sorted(kwargs)}")
@@ -189,13 +209,13 @@ class ScaledQuantDescriptor:
     def _check_axis(axis):
         if axis is None:
             return None
-        if _is_int(axis):
+        if is_int(axis):
             return int(axis)
         if isinstance(axis, (tuple, list)):
             if len(axis) == 0:
                 raise ValueError("axis must not be an empty tuple; use axis=None for per-tensor")
             for a in axis:
-                if not _is_int(a):
+                if not is_int(a):
                     raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
             if len(set(axis)) != len(axis):
                 raise ValueError(f"axis has repeated entries: {axis!r}")
@@ -311,9 +331,9 @@ def _validate(inputs: torch.Tensor, amax: torch.Tensor, num_bits, unsigned, narr
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be a floating point tensor, got dtype {inputs.dtype}")
-    _check_num_bits(num_bits)
-    _check_bool("unsigned", unsigned)
-    _check_bool("narrow_range", narrow_range)
+    check_num_bits(num_bits)
+    check_bool("unsigned", unsigned)
+    check_bool("narrow_range", narrow_range)
     if amax.numel() == 0:
         raise ValueError("amax is empty; calibrate the quantizer or pass a value")
     a = amax.detach()
@@ -416,6 +436,16 @@ def _ste(ctx, grad_outputs) -> torch.Tensor:
     return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs))
 
 
+def _forward(ctx, inputs, amax, num_bits, unsigned, narrow_range, dequantize: bool):
+    """The forward pass both functions share: save what backward needs, quantize in float32."""
+    ctx.save_for_backward(inputs, amax)
+    ctx.unsigned = unsigned
+    bounds = quant_bounds(num_bits, unsigned, narrow_range)
+    step, tiny = _step_and_mask(amax.float(), bounds[1])
+    out = _codes(inputs.float(), step, tiny, bounds[0], bounds[1], dequantize=dequantize)
+    return out, bounds, tiny
+
+
 class TensorQuantFunction(torch.autograd.Function):
     """Integer codes and the reference-style scale (``max_bound / amax``).
 
@@ -424,13 +454,9 @@ class TensorQuantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
-        ctx.save_for_backward(inputs, amax)
-        ctx.unsigned = unsigned
-        min_bound, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
-        amax32 = amax.float()
-        step, tiny = _step_and_mask(amax32, max_bound)
-        codes = _codes(inputs.float(), step, tiny, min_bound, max_bound, dequantize=False)
-        scale = max_bound / amax32
+        codes, (min_bound, max_bound), tiny = _forward(ctx, inputs, amax, num_bits, unsigned,
+                                                       narrow_range, dequantize=False)
+        scale = max_bound / amax.float()
         if tiny is not None:
             scale = torch.where(tiny, torch.ones_like(scale), scale)
         ctx.mark_non_differentiable(scale)
@@ -441,19 +467,53 @@ class TensorQuantFunction(torch.autograd.Function):
         return _ste(ctx, grad_outputs).to(ctx.saved_tensors[0].dtype), None, None, None, None
 
 
+def _onnx_qdq(g, inputs, amax, num_bits, unsigned, narrow_range):
+    """The ONNX form of fake quantization: ``QuantizeLinear -> DequantizeLinear`` (lesson 3).
+
+    ``y_scale = amax / max_bound`` in float32 and ``y_zero_point = 0`` (int8, uint8 when
+    unsigned); a per-channel amax of shape ``(1, C, 1, 1)`` gives a 1-D scale with ``axis`` =
+    its channel dim, a per-tensor amax a 0-d scale (the form TensorRT's parser expects). The
+    scale is computed in the graph from amax; the exporter's constant folding turns it into
+    one float32 constant, computed by the same torch division as the forward pass. A
+    narrow-range quantizer gets ``Max(x, -127 * y_scale)`` first, so the graph never
+    produces the -128 code that training never saw.
+    """
+    from torch.onnx import symbolic_helper
+
+    if num_bits != 8:
+        raise ValueError(f"ONNX QuantizeLinear (opset 13) supports 8-bit codes only, got num_bits={num_bits}; "
+                         "export 8-bit quantizers, or disable this one for export")
+    sizes = symbolic_helper._get_tensor_sizes(amax) or []
+    channel = [d for d, n in enumerate(sizes) if n != 1]
+    if len(channel) > 1:
+        raise ValueError(f"ONNX QuantizeLinear takes one channel axis, got an amax of shape {tuple(sizes)}")
+    _, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
+    step = g.op("Div", g.op("Cast", amax, to_i=1),  # 1 = float32
+                g.op("Constant", value_t=torch.tensor(float(max_bound))))
+    x = inputs
+    if narrow_range and not unsigned:
+        x = g.op("Max", x, g.op("Mul", step, g.op("Constant", value_t=torch.tensor(-127.0))))
+    flat = [sizes[channel[0]]] if channel else []
+    scale = g.op("Reshape", step, g.op("Constant", value_t=torch.tensor(flat, dtype=torch.int64)))
+    zp = g.op("Constant", value_t=torch.zeros(flat, dtype=torch.uint8 if unsigned else torch.int8))
+    kw = {"axis_i": channel[0]} if channel else {}
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp, **kw), scale, zp, **kw)
+
+
 class FakeTensorQuantFunction(torch.autograd.Function):
     """Quantize-dequantize: ``clamp(round(x / step)) * step`` with ``step = amax / max_bound``.
 
-    Backward: clipped STE for the inputs, no gradient for amax.
+    Backward: clipped STE for the inputs, no gradient for amax. ONNX export: a
+    QuantizeLinear/DequantizeLinear pair (:func:`_onnx_qdq`).
     """
 
     @staticmethod
+    def symbolic(g, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
+        return _onnx_qdq(g, inputs, amax, num_bits, unsigned, narrow_range)
+
+    @staticmethod
     def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
-        ctx.save_for_backward(inputs, amax)
-        ctx.unsigned = unsigned
-        min_bound, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
-        step, tiny = _step_and_mask(amax.float(), max_bound)
-        out = _codes(inputs.float(), step, tiny, min_bound, max_bound, dequantize=True)
+        out, _, _ = _forward(ctx, inputs, amax, num_bits, unsigned, narrow_range, dequantize=True)
         return out.to(inputs.dtype)
 
     @staticmethod
@@ -539,7 +599,7 @@ def learnable_fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, u
 # Asymmetric (affine) quantization, for lesson 1's comparison
 # ----------------------------------------------------------------------------------------
 def _affine_params(min_range, max_range, num_bits):
-    _check_num_bits(num_bits)
+    check_num_bits(num_bits)
     # the range is a setting, not something to train through: no gradient flows into it
     lo = torch.as_tensor(min_range, dtype=torch.float32).detach()
     hi = torch.as_tensor(max_range, dtype=torch.float32).detach()

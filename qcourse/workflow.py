@@ -5,7 +5,8 @@
   calibration mode (statistics collected, nothing quantized);
 * :func:`compute_amax` turns each calibrator's statistics into an amax
   (``method="max" | "entropy" | "mse" | "percentile"``);
-* :func:`calibrate_model` does both;
+* :func:`calibrate_model` does both; :func:`quantized_copy` copies a float model, inserts
+  quantizers and calibrates the copy, the start of every experiment in the lessons;
 * :func:`disable_quantization` / :func:`enable_quantization` are context managers that
   switch the quantizers of one module (or the whole model) off or on and restore the
   previous state on exit — the building block of sensitivity analysis.
@@ -13,22 +14,23 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
+from qcourse import calib
 from qcourse.nn.tensor_quantizer import TensorQuantizer
+from qcourse.quant_modules import replace_modules
+from qcourse.tensor_quant import QuantDescriptor
 
 __all__ = [
-    "quantizers", "quant_layers", "collect_stats", "compute_amax", "calibrate_model",
+    "quantizers", "quant_layers", "collect_stats", "compute_amax", "calibrate_model", "quantized_copy",
     "disable_quantization", "enable_quantization", "set_quantizers", "default_batch_input",
     "summarize_quantizers",
 ]
-
-HISTOGRAM_METHODS = ("entropy", "mse", "percentile")
-
 
 def quantizers(model: nn.Module, pattern: Optional[str] = None) -> Dict[str, TensorQuantizer]:
     """``{module name: TensorQuantizer}`` in model order, optionally filtered by a regex."""
@@ -91,7 +93,7 @@ def collect_stats(model: nn.Module, loader: Iterable, num_batches: Optional[int]
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    saved = {n: (q._disabled, q._if_quant, q._if_calib) for n, q in qs.items()}
+    saved = {n: q.switches for n, q in qs.items()}
     for q in qs.values():
         if q.calibrator is not None:
             q.disable_quant()
@@ -118,7 +120,7 @@ def collect_stats(model: nn.Module, loader: Iterable, num_batches: Optional[int]
                     break
     finally:
         for n, q in qs.items():
-            q._disabled, q._if_quant, q._if_calib = saved[n]
+            q.switches = saved[n]
         model.train(was_training)
     if seen == 0:
         raise ValueError("the calibration loader yielded no batch; give it calibration images")
@@ -133,10 +135,8 @@ def compute_amax(model: nn.Module, method: str = "max", strict: bool = True, **k
     their running max. ``method="max"`` with histogram calibrators takes the histogram's
     upper edge, i.e. the maximum seen. Returns ``{quantizer name: amax}``.
     """
-    from qcourse import calib
-
-    if method not in ("max",) + HISTOGRAM_METHODS:
-        raise ValueError(f"method must be 'max' or one of {HISTOGRAM_METHODS}, got {method!r}")
+    if method not in ("max",) + calib.METHODS:
+        raise ValueError(f"method must be 'max' or one of {calib.METHODS}, got {method!r}")
     out = {}
     for name, q in quantizers(model).items():
         c = q.calibrator
@@ -178,6 +178,44 @@ def calibrate_model(model: nn.Module, loader: Iterable, num_batches: Optional[in
     return compute_amax(model, method=method, **kwargs)
 
 
+def quantized_copy(model: nn.Module, calib_data: Optional[Iterable] = None, *, method: Optional[str] = "max",
+                   quant_desc_input: Optional[QuantDescriptor] = None,
+                   quant_desc_weight: Optional[QuantDescriptor] = None, ignore=None,
+                   weights_only: bool = False, num_batches: Optional[int] = None,
+                   progress: bool = False, **amax_kwargs) -> nn.Module:
+    """A quantized, calibrated copy of ``model``; ``model`` itself is left as it was (lessons 1-7).
+
+    The three steps every experiment starts with: ``copy.deepcopy``,
+    :func:`~qcourse.quant_modules.replace_modules` (``ignore``, ``quant_desc_input``,
+    ``quant_desc_weight`` go to it) and calibration on ``calib_data``:
+
+    * ``method="max" | "entropy" | "mse" | "percentile"``: :func:`collect_stats` then
+      :func:`compute_amax`. Without ``quant_desc_input`` the inputs get the calibrator the
+      method needs (max, or a histogram for the other three).
+    * ``method=None``: statistics only, amax not computed yet (inspect the calibrators).
+    * ``calib_data=None``: no calibration; quantizers without amax stay dynamic.
+    * ``weights_only=True``: every input quantizer disabled (weight-only quantization).
+
+    Returns the copy in eval mode.
+    """
+    if method is not None and method not in ("max",) + calib.METHODS:
+        raise ValueError(f"method must be None, 'max' or one of {calib.METHODS}, got {method!r}")
+    if quant_desc_input is None and method not in (None, "max"):
+        quant_desc_input = QuantDescriptor(calib_method="histogram")
+    qmodel = copy.deepcopy(model)
+    replace_modules(qmodel, ignore=ignore, quant_desc_input=quant_desc_input,
+                    quant_desc_weight=quant_desc_weight)
+    if weights_only:
+        for name, q in quantizers(qmodel).items():
+            if name.endswith("_input_quantizer"):
+                q.disable()
+    if calib_data is not None:
+        collect_stats(qmodel, calib_data, num_batches, progress=progress)
+        if method is not None:
+            compute_amax(qmodel, method=method, **amax_kwargs)
+    return qmodel.eval()
+
+
 def set_quantizers(module: nn.Module, enabled: bool) -> None:
     """Enable or disable every quantizer inside ``module`` (the module itself included)."""
     for m in module.modules():
@@ -188,14 +226,13 @@ def set_quantizers(module: nn.Module, enabled: bool) -> None:
 @contextlib.contextmanager
 def _switched(module: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     qs = [m for m in module.modules() if isinstance(m, TensorQuantizer)]
-    saved = [q._disabled for q in qs]
+    saved = [q.switches for q in qs]
     try:
-        for q in qs:
-            q._disabled = not enabled
+        set_quantizers(module, enabled)
         yield module
     finally:
-        for q, d in zip(qs, saved):
-            q._disabled = d
+        for q, switches in zip(qs, saved):
+            q.switches = switches
 
 
 def disable_quantization(module: nn.Module):

@@ -138,3 +138,15 @@ def test_corrupt_onnx_is_reported(tmp_path):
         list_qdq_nodes(bad)
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+def test_shared_quantizer_scale_is_listed_for_every_use(tmp_path):
+    # one quantizer used twice: the exporter folds its scale once and copies it with Identity
+    add = quant_nn.QuantAdd(QuantDescriptor(amax=2.54))
+    a, b = torch.randn(2, 8), torch.randn(2, 8) * 3
+    path = export_onnx(add, (a, b), tmp_path / "add.onnx")
+    rows = list_qdq_nodes(path)
+    assert len(rows) == 2
+    for r in rows:
+        np.testing.assert_array_equal(r["scale"], np.float32(2.54) / np.float32(127))
+    np.testing.assert_array_equal(add(a, b).numpy(), run_ort(path, a, b)[0])

@@ -3,6 +3,7 @@
 A quantizer in calibration mode passes each tensor to its calibrator's ``collect(x)``;
 afterwards ``compute_amax(...)`` gives the amax it will quantize with.
 
+* :class:`Calibrator` — the base class: arguments and the checks every batch goes through.
 * :class:`MaxCalibrator` — running ``max|x|`` (per tensor or per channel).
 * :class:`HistogramCalibrator` — a histogram of ``|x|``, then
   ``compute_amax("entropy" | "mse" | "percentile")``.
@@ -13,10 +14,12 @@ afterwards ``compute_amax(...)`` gives the amax it will quantize with.
 
 Names and signatures follow ``pytorch_quantization.calib``.
 """
+from qcourse.calib.base import Calibrator
 from qcourse.calib.max import MaxCalibrator
 from qcourse.calib.histogram import (
     METHODS,
     HistogramCalibrator,
+    check_histogram,
     compute_amax_entropy,
     compute_amax_mse,
     compute_amax_percentile,
@@ -25,6 +28,7 @@ from qcourse.calib.histogram import (
 )
 
 __all__ = [
+    "Calibrator",
     "MaxCalibrator",
     "HistogramCalibrator",
     "compute_amax_entropy",
@@ -32,6 +36,7 @@ __all__ = [
     "compute_amax_percentile",
     "kl_divergences",
     "mse_errors",
+    "check_histogram",
     "calibrator_from_descriptor",
     "METHODS",
 ]

@@ -49,20 +49,9 @@ import numpy as np
 import scipy.stats
 import torch
 
-from qcourse.tensor_quant import (
-    QuantDescriptor,
-    _check_bool,
-    _check_num_bits,
-    fake_tensor_quant,
-)
-from qcourse.calib.max import (
-    Axis,
-    _channel_layout,
-    _check_same_layout,
-    _check_finite_max,
-    _checked_input,
-    _keepdim_shape,
-)
+from qcourse.calib.base import Axis, Calibrator
+from qcourse.tensor_quant import check_num_bits, fake_tensor_quant
+from qcourse.utils import check_bool, is_int
 
 __all__ = [
     "HistogramCalibrator",
@@ -71,6 +60,7 @@ __all__ = [
     "compute_amax_percentile",
     "kl_divergences",
     "mse_errors",
+    "check_histogram",
     "METHODS",
 ]
 
@@ -88,14 +78,10 @@ _EMPTY_MSG = ("HistogramCalibrator has collected no data; run collect() on calib
               "batches first")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 # ========================================================================================
 # The calibrator
 # ========================================================================================
-class HistogramCalibrator:
+class HistogramCalibrator(Calibrator):
     """Collect a histogram of ``|x|`` and compute amax from it (lesson 4).
 
     Args:
@@ -118,11 +104,10 @@ class HistogramCalibrator:
     def __init__(self, num_bits: int = 8, axis: Axis = None, unsigned: bool = False,
                  num_bins: int = 2048, grow_method=None, skip_zeros: bool = False,
                  torch_hist: bool = True):
-        _check_num_bits(num_bits)
-        _check_bool("unsigned", unsigned)
-        _check_bool("skip_zeros", skip_zeros)
-        _check_bool("torch_hist", torch_hist)
-        if not _is_int(num_bins):
+        super().__init__(num_bits, axis, unsigned)
+        check_bool("skip_zeros", skip_zeros)
+        check_bool("torch_hist", torch_hist)
+        if not is_int(num_bins):
             raise TypeError(f"num_bins must be an int, got {num_bins!r}")
         if not 2 <= num_bins <= _MAX_BINS:
             raise ValueError(f"num_bins must be in 2..{_MAX_BINS}, got {num_bins}; the default is 2048")
@@ -132,17 +117,11 @@ class HistogramCalibrator:
                 "deprecated): the histogram always grows by appending bins of the same width",
                 DeprecationWarning, stacklevel=2,
             )
-        self._num_bits = int(num_bits)
-        self._axis = QuantDescriptor._check_axis(axis)
-        self._unsigned = unsigned
         self._num_bins = int(num_bins)
         self._skip_zeros = skip_zeros
         self._torch_hist = torch_hist
         self.reset()
 
-    num_bits = property(lambda self: self._num_bits)
-    axis = property(lambda self: self._axis)
-    unsigned = property(lambda self: self._unsigned)
     num_bins = property(lambda self: self._num_bins)
     skip_zeros = property(lambda self: self._skip_zeros)
 
@@ -163,12 +142,12 @@ class HistogramCalibrator:
         per-channel batch's channel shape differs from the earlier batches'.
         """
         who = type(self).__name__
-        x = _checked_input(x, self._unsigned, who)
+        x = self._checked_input(x)
         layout = None
         if self._axis is None:
             xc = x.reshape(1, -1)
         else:
-            layout = _check_same_layout(self._layout, _channel_layout(self._axis, x), who)
+            layout = self._channel_layout(x)
             ndim, axes, sizes = layout
             others = [d for d in range(ndim) if d not in axes]
             xc = x.permute(*axes, *others).reshape(math.prod(sizes), -1)
@@ -181,7 +160,7 @@ class HistogramCalibrator:
             xc = xc.to(self._counts.device)
         xa = xc.abs()
         xmax = xa.amax(dim=1)
-        _check_finite_max(xmax, xc, who)
+        self._check_finite_max(xmax, xc)
         xmax = xmax.double()
         self._layout = layout
         if self._counts is None:
@@ -313,7 +292,7 @@ class HistogramCalibrator:
         out = torch.tensor(amaxs, dtype=torch.float32, device=self._counts.device)
         if self._axis is None:
             return out.reshape(())
-        return out.reshape(_keepdim_shape(self._layout))
+        return out.reshape(self._keepdim_shape(self._layout))
 
     def __repr__(self) -> str:
         s = (f"HistogramCalibrator(num_bits={self._num_bits}, axis={self._axis}, "
@@ -452,40 +431,46 @@ def _as_numpy(a, name: str) -> np.ndarray:
     return a
 
 
-def _check_hist(hist, bin_edges, min_bins: int = 1, integral: bool = False):
-    """Validate a histogram; return ``(counts, edges)`` as (int64 or float64, float64) arrays."""
-    h = _as_numpy(hist, "hist")
+def check_histogram(hist, bin_edges, min_bins: int = 1, integral: bool = False, name: str = "hist"):
+    """Validate a histogram; return ``(counts, edges)`` as (int64 or float64, float64) arrays.
+
+    Used by every amax method here and by the lesson 4 plots. ``integral`` requires whole
+    counts (the entropy method); ``name`` is how errors refer to the counts.
+    """
+    h = _as_numpy(hist, name)
     e = _as_numpy(bin_edges, "bin_edges").astype(np.float64)
+    if len(h) == 0:
+        raise ValueError(f"{name} is empty: collect data with a HistogramCalibrator first")
     if len(h) < min_bins:
-        raise ValueError(f"hist needs at least {min_bins} bins, got {len(h)}")
+        raise ValueError(f"{name} needs at least {min_bins} bins, got {len(h)}")
     if len(e) != len(h) + 1:
-        raise ValueError(f"bin_edges must have len(hist) + 1 = {len(h) + 1} entries, got {len(e)}")
+        raise ValueError(f"bin_edges must have len({name}) + 1 = {len(h) + 1} entries, got {len(e)}")
     if not np.isfinite(e).all() or (np.diff(e) < 0).any():
         raise ValueError("bin_edges must be finite and non-decreasing")
     if np.issubdtype(h.dtype, np.floating):
         if not np.isfinite(h).all():
-            raise ValueError(f"hist has {int((~np.isfinite(h)).sum())} NaN/inf counts")
+            raise ValueError(f"{name} has {int((~np.isfinite(h)).sum())} NaN/inf counts; counts must be finite")
         if integral:
             if (h != np.floor(h)).any():
-                raise ValueError("hist must hold whole counts for the entropy method, got fractions")
+                raise ValueError(f"{name} must hold whole counts for the entropy method, got fractions")
             h = h.astype(np.int64)
         else:
             h = h.astype(np.float64)
     else:
         h = h.astype(np.int64)
     if (h < 0).any():
-        raise ValueError(f"hist counts must be >= 0, got min {h.min()}")
+        raise ValueError(f"{name} counts must be >= 0, got min {h.min()}")
     if h.sum() == 0:
-        raise ValueError("hist is empty (all counts are 0): nothing to calibrate on")
+        raise ValueError(f"{name} is empty (all counts are 0): nothing to calibrate on")
     return h, e
 
 
 def _check_search_args(stride, start_bin, nbins: Optional[int] = None, min_start: int = 1):
-    if not _is_int(stride):
+    if not is_int(stride):
         raise TypeError(f"stride must be an int, got {stride!r}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    if not _is_int(start_bin):
+    if not is_int(start_bin):
         raise TypeError(f"start_bin must be an int, got {start_bin!r}")
     if start_bin < min_start:
         raise ValueError(f"start_bin must be >= {min_start}, got {start_bin}")
@@ -617,9 +602,9 @@ def kl_divergences(hist, bin_edges, num_bits: int = 8, unsigned: bool = False, s
     ``amax_candidates[k] = bin_edges[start_bin + k*stride]``; the divergences come from the
     closed form (equal to the reference's to ~1e-12; inf where the reference gives inf).
     """
-    _check_num_bits(num_bits)
-    _check_bool("unsigned", unsigned)
-    h, e = _check_hist(hist, bin_edges, min_bins=2, integral=True)
+    check_num_bits(num_bits)
+    check_bool("unsigned", unsigned)
+    h, e = check_histogram(hist, bin_edges, min_bins=2, integral=True)
     _check_search_args(stride, start_bin, len(h))
     _, _, cands, kl, _ = _entropy_search((h, e), num_bits, unsigned, stride, start_bin)
     return e[cands], kl
@@ -643,9 +628,9 @@ def compute_amax_entropy(hist, bin_edges, num_bits: int = 8, unsigned: bool = Fa
     Returns:
         amax as a Python float (an entry of ``bin_edges``).
     """
-    _check_num_bits(num_bits)
-    _check_bool("unsigned", unsigned)
-    h, e = _check_hist(hist, bin_edges, min_bins=2, integral=True)
+    check_num_bits(num_bits)
+    check_bool("unsigned", unsigned)
+    h, e = check_histogram(hist, bin_edges, min_bins=2, integral=True)
     _check_search_args(stride, start_bin, len(h))
     b, nbins, cands, kl, mag = _entropy_search((h, e), num_bits, unsigned, stride, start_bin)
 
@@ -668,9 +653,9 @@ def compute_amax_entropy(hist, bin_edges, num_bits: int = 8, unsigned: bool = Fa
 # mse
 # ----------------------------------------------------------------------------------------
 def _mse_setup(hist, bin_edges, num_bits, unsigned, stride, start_bin):
-    _check_num_bits(num_bits)
-    _check_bool("unsigned", unsigned)
-    h, e = _check_hist(hist, bin_edges)
+    check_num_bits(num_bits)
+    check_bool("unsigned", unsigned)
+    h, e = check_histogram(hist, bin_edges)
     _check_search_args(stride, start_bin, len(h), min_start=0)
     if e[0] < 0:
         raise ValueError(f"bin_edges must start at >= 0 (a histogram of |x|), got {e[0]}")
@@ -756,7 +741,7 @@ def compute_amax_percentile(hist, bin_edges, percentile: float = 99.99) -> float
     amax = ``bin_edges[idx]``. ``percentile`` in (0, 100]. Returns a Python float.
     """
     _check_percentile(percentile)
-    h, e = _check_hist(hist, bin_edges)
+    h, e = check_histogram(hist, bin_edges)
     total = h.sum()
     cdf = np.cumsum(h / total)
     idx = int(np.searchsorted(cdf, percentile / 100))

@@ -17,23 +17,22 @@ Differences from the reference, on purpose:
 * Per-tensor amax is a 0-d tensor (it broadcasts against any input); per-channel amax
   keeps the input's rank, e.g. ``(C, 1, 1, 1)`` for a KCRS conv weight with ``axis=0``.
 
-The helpers at the bottom of this module (input checks, axis handling) are shared with
-:mod:`qcourse.calib.histogram`.
+What every calibrator shares (arguments, input checks, channel layout) is in the base
+class :class:`~qcourse.calib.base.Calibrator`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional
 
 import torch
 
-from qcourse.tensor_quant import QuantDescriptor, _check_bool, _check_num_bits
+from qcourse.calib.base import Axis, Calibrator
+from qcourse.utils import check_bool
 
 __all__ = ["MaxCalibrator"]
 
-Axis = Optional[Union[int, Sequence[int]]]
 
-
-class MaxCalibrator:
+class MaxCalibrator(Calibrator):
     """Track the running maximum of ``|x|`` (lesson 4).
 
     Args:
@@ -51,21 +50,13 @@ class MaxCalibrator:
 
     def __init__(self, num_bits: int = 8, axis: Axis = None, unsigned: bool = False,
                  track_amax: bool = False):
-        _check_num_bits(num_bits)
-        _check_bool("unsigned", unsigned)
-        _check_bool("track_amax", track_amax)
-        self._num_bits = int(num_bits)
-        self._axis = QuantDescriptor._check_axis(axis)
-        self._unsigned = unsigned
+        super().__init__(num_bits, axis, unsigned)
+        check_bool("track_amax", track_amax)
         self._track_amax = track_amax
         self._amaxs: List = []
         self._calib_amax: Optional[torch.Tensor] = None
-        self._layout: Optional[Tuple[int, Tuple[int, ...], Tuple[int, ...]]] = None
 
     # ------------------------------------------------------------------ properties
-    num_bits = property(lambda self: self._num_bits)
-    axis = property(lambda self: self._axis)
-    unsigned = property(lambda self: self._unsigned)
     track_amax = property(lambda self: self._track_amax)
 
     @property
@@ -86,22 +77,21 @@ class MaxCalibrator:
         per-channel batch's channel shape differs from the earlier batches'. Empty
         tensors are ignored.
         """
-        who = type(self).__name__
-        x = _checked_input(x, self._unsigned, who)
+        x = self._checked_input(x)
         layout = None
         if self._axis is None:
             if x.numel() == 0:
                 return
             local = x.abs().amax().float()
         else:
-            layout = _check_same_layout(self._layout, _channel_layout(self._axis, x), who)
+            layout = self._channel_layout(x)
             if x.numel() == 0:
                 return
             ndim, axes, _ = layout
             reduce = [d for d in range(ndim) if d not in axes]
             xa = x.abs()
             local = (torch.amax(xa, dim=reduce, keepdim=True) if reduce else xa).float()
-        _check_finite_max(local, x, who)
+        self._check_finite_max(local, x)
         self._layout = layout
         if self._calib_amax is None:
             self._calib_amax = local.clone()
@@ -146,79 +136,3 @@ class MaxCalibrator:
         if self._track_amax:
             s += f", batches={len(self._amaxs)}"
         return s + ")"
-
-
-# ----------------------------------------------------------------------------------------
-# Shared helpers (also used by the histogram calibrator)
-# ----------------------------------------------------------------------------------------
-def _checked_input(x, unsigned: bool, who: str) -> torch.Tensor:
-    """Detach ``x`` and check it is a real tensor, non-negative when ``unsigned``.
-
-    NaN/inf are caught later, on the reduced max (NaN and inf propagate through ``amax``),
-    which saves a pass over the data: see :func:`_check_finite_max`.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who}.collect() needs a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{who}.collect() needs a real-valued tensor, got dtype {x.dtype}")
-    x = x.detach()
-    if not x.is_floating_point():
-        x = x.float()
-    if unsigned and x.numel():
-        xmin = float(x.min())
-        if xmin < 0:
-            raise ValueError(
-                f"{who} with unsigned=True got a negative value (min {xmin:.6g}); unsigned "
-                "quantization is for non-negative tensors (after ReLU). Use unsigned=False."
-            )
-    return x
-
-
-def _check_finite_max(amax: torch.Tensor, x: torch.Tensor, who: str) -> None:
-    """Raise if the reduced ``max|x|`` shows NaN or inf in ``x``, naming how many."""
-    if bool(torch.isfinite(amax).all()):
-        return
-    n_nan = int(torch.isnan(x).sum())
-    n_inf = int(torch.isinf(x).sum())
-    raise ValueError(
-        f"{who}.collect() got {n_nan} NaN and {n_inf} inf values in a tensor of shape "
-        f"{tuple(x.shape)}; calibration needs finite data. Find where the model overflows "
-        "(e.g. FP16) or skip this batch."
-    )
-
-
-def _channel_layout(axis, x: torch.Tensor) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
-    """``(ndim, kept axes (sorted, non-negative), their sizes)`` for per-channel statistics."""
-    ndim = x.dim()
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    norm = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)} "
-                f"({ndim} dims); use an axis in [{-ndim}, {ndim - 1}]"
-            )
-        norm.append(a % ndim)
-    if len(set(norm)) != len(norm):
-        raise ValueError(f"axis {axis} names the same dim twice for a {ndim}-dim tensor")
-    kept = tuple(sorted(norm))
-    return ndim, kept, tuple(int(x.shape[a]) for a in kept)
-
-
-def _check_same_layout(old, new, who: str):
-    if old is not None and old != new:
-        raise ValueError(
-            f"{who}: per-channel batches must keep their channel shape; earlier batches had "
-            f"{old[0]} dims with sizes {old[2]} on axes {old[1]}, this one has {new[0]} dims "
-            f"with sizes {new[2]}. Call reset() before calibrating a differently shaped tensor."
-        )
-    return new
-
-
-def _keepdim_shape(layout) -> Tuple[int, ...]:
-    """Shape of a per-channel amax: channel sizes on the kept axes, 1 elsewhere."""
-    ndim, axes, sizes = layout
-    shape = [1] * ndim
-    for a, s in zip(axes, sizes):
-        shape[a] = s
-    return tuple(shape)

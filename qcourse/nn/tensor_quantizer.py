@@ -18,30 +18,33 @@ With ``learn_amax=True`` amax is a ``torch.nn.Parameter`` trained through the PA
 gradient of :func:`qcourse.tensor_quant.learnable_fake_tensor_quant` (lesson 7); otherwise
 amax gets no gradient, whether stored or dynamic.
 
-For ONNX export the quantizer emits a ``QuantizeLinear``/``DequantizeLinear`` pair
-(see :mod:`qcourse.export`), computing in PyTorch exactly what ONNX Runtime computes.
+For ONNX export the quantizer emits a ``QuantizeLinear``/``DequantizeLinear`` pair (the
+symbolic of :class:`~qcourse.tensor_quant.FakeTensorQuantFunction`), computing in PyTorch
+exactly what ONNX Runtime computes. This module depends only on ``tensor_quant`` and
+``calib``, as in the reference.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from qcourse import calib
 from qcourse import tensor_quant as tq
 from qcourse.tensor_quant import QuantDescriptor, QUANT_DESC_8BIT_PER_TENSOR
 
-__all__ = ["TensorQuantizer"]
+__all__ = ["TensorQuantizer", "Switches"]
 
 
-def _make_calibrator(desc: QuantDescriptor):
-    from qcourse import calib
+class Switches(NamedTuple):
+    """A quantizer's three switches, read and restored as one value (see ``TensorQuantizer.switches``)."""
 
-    if desc.calib_method == "histogram":
-        return calib.HistogramCalibrator(desc.num_bits, desc.axis, desc.unsigned)
-    return calib.MaxCalibrator(desc.num_bits, desc.axis, desc.unsigned)
+    enabled: bool
+    quant: bool
+    calib: bool
 
 
 class TensorQuantizer(nn.Module):
@@ -93,7 +96,7 @@ class TensorQuantizer(nn.Module):
             else:
                 self.register_buffer("_amax", amax)
 
-        self._calibrator = _make_calibrator(quant_desc)
+        self._calibrator = calib.calibrator_from_descriptor(quant_desc)
 
     # ----------------------------------------------------------------- properties
     num_bits = property(lambda self: self._num_bits)
@@ -154,6 +157,19 @@ class TensorQuantizer(nn.Module):
         return tq.quant_bounds(self._num_bits, self._unsigned, self._narrow_range)[1] / self.amax.float()
 
     # ----------------------------------------------------------------- switches
+    @property
+    def switches(self) -> Switches:
+        """``Switches(enabled, quant, calib)``: save them, change modes, assign them back."""
+        return Switches(not self._disabled, self._if_quant, self._if_calib)
+
+    @switches.setter
+    def switches(self, value: Switches):
+        enabled, quant, calib_ = Switches(*value)
+        for name, v in (("enabled", enabled), ("quant", quant), ("calib", calib_)):
+            if not isinstance(v, bool):
+                raise TypeError(f"switches.{name} must be True or False, got {v!r}")
+        self._disabled, self._if_quant, self._if_calib = not enabled, quant, calib_
+
     def enable(self):
         self._disabled = False
 
@@ -261,23 +277,11 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is not None:
             self._calibrator.reset()
 
-    def _axes_of(self, inputs: torch.Tensor) -> set:
-        """The descriptor's axes as non-negative dims of ``inputs`` (checked, never wrapped)."""
-        axes = (self._axis,) if isinstance(self._axis, int) else self._axis
-        for a in axes:
-            if not -inputs.dim() <= a < inputs.dim():
-                raise ValueError(
-                    f"quantization axis {a} is out of range for a {inputs.dim()}-D input of shape "
-                    f"{tuple(inputs.shape)}; use an axis in {-inputs.dim()}..{inputs.dim() - 1} "
-                    "(0 for a conv or linear weight's output channel, 1 for activations' channel)"
-                )
-        return {a % inputs.dim() for a in axes}
-
     def _dynamic_amax(self, inputs: torch.Tensor) -> torch.Tensor:
         x = inputs.detach().abs()
         if self._axis is None:
             return x.max().float() if x.numel() else torch.zeros((), device=x.device)
-        keep = self._axes_of(x)
+        keep = set(tq.normalized_axes(self._axis, x))
         reduce = [d for d in range(x.dim()) if d not in keep]
         return torch.amax(x, dim=reduce, keepdim=True).float() if reduce else x.float()
 
@@ -298,15 +302,12 @@ class TensorQuantizer(nn.Module):
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         amax = self._get_amax(inputs)
         if self._axis is not None:
-            self._axes_of(inputs)
+            tq.normalized_axes(self._axis, inputs)
             if amax.dim() and amax.dim() != inputs.dim():
                 raise ValueError(f"per-channel amax of shape {tuple(amax.shape)} does not broadcast "
                                  f"against an input of shape {tuple(inputs.shape)}")
         if self._fake_quant:
-            if torch.onnx.is_in_onnx_export():
-                from qcourse.export import export_qdq
-
-                return export_qdq(self, inputs, amax)
+            # the functions carry their own ONNX symbolic: export needs nothing more here
             # only a learnable amax gets a gradient (PACT); a calibrated or dynamic one gets none
             fn = tq.learnable_fake_tensor_quant if self._learn_amax else tq.fake_tensor_quant
             return fn(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)

@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from qcourse.calib import check_histogram
+
 __all__ = [
     "METHOD_COLORS",
     "plot_per_channel_amax",
@@ -47,17 +49,9 @@ def _as_1d(a, name: str) -> np.ndarray:
 
 
 def _check_hist(hist, bin_edges, name: str = "hist") -> Tuple[np.ndarray, np.ndarray]:
-    h = _as_1d(hist, name)
-    e = _as_1d(bin_edges, "bin_edges")
-    if len(h) == 0:
-        raise ValueError(f"{name} is empty: collect data with a HistogramCalibrator first")
-    if len(e) != len(h) + 1:
-        raise ValueError(f"bin_edges must have len({name}) + 1 = {len(h) + 1} entries, got {len(e)}")
-    if not np.isfinite(h).all() or (h < 0).any():
-        raise ValueError(f"{name} counts must be finite and >= 0")
-    if not np.isfinite(e).all() or (np.diff(e) < 0).any():
-        raise ValueError("bin_edges must be finite and non-decreasing")
-    return h, e
+    """The calibrators' histogram checks, with float counts for drawing."""
+    h, e = check_histogram(hist, bin_edges, name=name)
+    return h.astype(np.float64), e
 
 
 def _check_amaxes(amaxes, where: str) -> dict:
