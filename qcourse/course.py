@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ["run_demo", "run_notebooks", "find_notebooks"]
+__all__ = ["run_demo", "run_notebooks", "find_notebooks", "NotebookFailed", "NotebooksInterrupted"]
 
 
 def run_demo(out_dir: Path, seed: int = 0, echo=print) -> Dict[str, float]:
@@ -90,14 +90,33 @@ def find_notebooks(directory: Optional[Path] = None) -> List[Path]:
     return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
 
 
+#: where the kernels' own messages go (``out_dir/kernel.log``), not mixed into the course's output
+KERNEL_LOG = "kernel.log"
+
+
+class NotebookFailed(RuntimeError):
+    """A lesson notebook raised in one of its cells (its executed copy up to there is kept)."""
+
+
+class NotebooksInterrupted(KeyboardInterrupt):
+    """Ctrl-C while the lesson notebooks ran: which one was running and which had finished."""
+
+    def __init__(self, running: str, finished: List[str]):
+        self.running, self.finished = running, finished
+        numbers = ", ".join(name.split("_", 1)[0] for name in finished) or "none"
+        super().__init__(f"interrupted during {running}; finished: {numbers}")
+
+
 def run_notebooks(paths: List[Path], out_dir: Path, timeout: int = 600, echo=print) -> List[dict]:
     """Execute each notebook top to bottom (nbclient), saving the executed copy in ``out_dir``.
 
-    Stops at the first failing notebook and raises with its name and the failing cell.
+    A file under a notebook's own name in ``out_dir`` is always a complete run: each one is
+    written to a hidden temporary name and renamed into place only when every cell ran.
+    The kernels' own messages (ipykernel's warnings, a crash) go to ``out_dir/kernel.log``.
+    Stops at the first failing notebook with :class:`NotebookFailed` (naming it and its
+    failing cell; the executed copy up to the error is kept as ``NAME.failed.ipynb``), and
+    turns Ctrl-C into :class:`NotebooksInterrupted` (which one was running, which finished).
     """
-    import nbformat
-    from nbclient import NotebookClient
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -105,15 +124,12 @@ def run_notebooks(paths: List[Path], out_dir: Path, timeout: int = 600, echo=pri
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         for path in paths:
-            nb = nbformat.read(path, as_version=4)
             t0 = time.perf_counter()
             echo(f"running {path.name} ...")
-            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                    resources={"metadata": {"path": str(path.parent)}})
             try:
-                client.execute()
-            finally:
-                nbformat.write(nb, out_dir / path.name)
+                _run_one(path, out_dir, timeout)
+            except KeyboardInterrupt:
+                raise NotebooksInterrupted(path.name, [r["notebook"] for r in rows]) from None
             dt = time.perf_counter() - t0
             rows.append({"notebook": path.name, "seconds": dt})
             echo(f"  ok in {dt:.0f} s -> {out_dir / path.name}")
@@ -121,3 +137,70 @@ def run_notebooks(paths: List[Path], out_dir: Path, timeout: int = 600, echo=pri
         if env_backup is None:
             os.environ.pop("MPLBACKEND", None)
     return rows
+
+
+def _run_one(path: Path, out_dir: Path, timeout: int):
+    """Execute one notebook into ``out_dir / path.name``, atomically (see :func:`run_notebooks`)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    try:
+        with open(out_dir / KERNEL_LOG, "a") as kernel_log:  # the kernel's own warnings, off the terminal
+            kernel_log.write(f"== {path.name}\n")
+            kernel_log.flush()
+            client.execute(stderr=kernel_log)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or _was_ctrl_c(client, e):
+            raise KeyboardInterrupt from None
+        if isinstance(e, (CellExecutionError, CellTimeoutError, DeadKernelError)):
+            _raise_failed(e, nb, path, out_dir, timeout)
+        raise
+    tmp = out_dir / f".{path.name}.tmp"  # same folder: os.replace is then a rename, never a copy
+    try:
+        nbformat.write(nb, tmp)
+        os.replace(tmp, out_dir / path.name)
+        (out_dir / f"{path.stem}.failed.ipynb").unlink(missing_ok=True)  # from an earlier run
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _was_ctrl_c(client, e: BaseException) -> bool:
+    """Whether the error ``client.execute()`` raised is really Ctrl-C.
+
+    nbclient catches SIGINT itself while a notebook runs: its handler shuts the kernel down
+    (leaving ``_async_cleanup_kernel_future`` on the client), and what comes out is then "kernel
+    died", a cancelled wait or an error in its own cleanup, not KeyboardInterrupt. A kernel
+    interrupted on its own reports KeyboardInterrupt as the cell's error.
+    """
+    return (getattr(client, "_async_cleanup_kernel_future", None) is not None
+            or getattr(e, "ename", None) == "KeyboardInterrupt")
+
+
+def _raise_failed(e: Exception, nb, path: Path, out_dir: Path, timeout: int):
+    """Keep the partly executed copy as ``NAME.failed.ipynb``; raise the one-line NotebookFailed."""
+    import nbformat
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+    if isinstance(e, CellExecutionError):
+        why = f"{e.ename}: {e.evalue}"
+    elif isinstance(e, CellTimeoutError):
+        why = f"no answer within {timeout} s (a slow machine may need a longer --timeout)"
+    else:
+        why = f"the kernel died (out of memory? see {out_dir / KERNEL_LOG})"
+    failed = out_dir / f"{path.stem}.failed.ipynb"
+    nbformat.write(nb, failed)
+    raise NotebookFailed(f"{path.name} failed in {_failed_cell(nb)}: {why}; its executed copy up to "
+                         f"there is {failed}") from e
+
+
+def _failed_cell(nb) -> str:
+    """``"code cell K"`` (1-based) for the first code cell with an error output, else ``"a cell"``."""
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    for k, cell in enumerate(code_cells, 1):
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return f"code cell {k}"
+    return "a cell"

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,26 @@ def test_perfect_predictions_give_map_one(syn):
         # 1 - 2e-16 instead of 1
         assert v == pytest.approx(1.0, abs=1e-12) if name in present else np.isnan(v)
     assert set(STAT_NAMES) <= set(r)
-    for k in ("model_ms_per_image", "nms_ms_per_image", "cocoeval_s", "total_s"):
-        assert r[k] >= 0
+    # the parts add up: model and NMS time over all images, plus COCOeval, fit inside the total
+    parts = (r["model_ms_per_image"] + r["nms_ms_per_image"]) * r["images"] / 1e3 + r["cocoeval_s"]
+    assert 0 < parts <= r["total_s"]
+
+
+def test_timings_put_the_model_call_in_model_ms(syn):
+    """A model that sleeps 50 ms per call: its time lands in model_ms_per_image, not in NMS."""
+    loader = create_dataloader(syn, "val", img_size=160, batch_size=8)  # 16 images: 2 calls
+    gt = GroundTruthModel(loader)
+
+    def slow(imgs):
+        time.sleep(0.05)
+        return gt(imgs)
+
+    r = evaluate(slow, loader, progress=False)
+    assert r["images"] == 16 and r["map"] == 1.0
+    sleep_ms_per_image = 2 * 50 / 16
+    assert r["model_ms_per_image"] >= sleep_ms_per_image
+    assert r["nms_ms_per_image"] < sleep_ms_per_image
+    assert r["total_s"] >= 0.1 + r["cocoeval_s"]
 
 
 def _json(root):

@@ -117,8 +117,19 @@ def test_forced_on_with_qcourse_no_browser_0(model_file, monkeypatch):
     monkeypatch.setenv("QCOURSE_NO_BROWSER", "0")
     monkeypatch.setenv("CI", "1")
     monkeypatch.setattr(viewer, "_in_jupyter_kernel", lambda: True)
-    monkeypatch.setattr(netron, "start", lambda file=None, address=None, browse=True: ("localhost", 9))
-    assert viewer.show_netron(model_file) is not None
+    calls = []
+
+    def fake_start(file=None, address=None, browse=True):
+        calls.append((file, address, browse))
+        return ("localhost", 9)
+
+    monkeypatch.setattr(netron, "start", fake_start)
+    frame = viewer.show_netron(model_file)
+    from IPython.display import IFrame
+
+    # CI=1 and pytest are overridden: the server starts (never a browser) and the IFrame shows it
+    assert calls == [(str(model_file), ("localhost", None), False)]
+    assert isinstance(frame, IFrame) and frame.src == "http://localhost:9" and frame.height == 600
 
 
 def test_server_failure_prints_instead_of_raising(model_file, monkeypatch, capsys, interactive):
@@ -146,7 +157,9 @@ def test_real_netron_server_serves_the_iframe_url(model_file, interactive):
     interactive()
     netron = pytest.importorskip("netron")
     frame = viewer.show_netron(model_file, port=0)
-    assert frame is not None
+    from IPython.display import IFrame
+
+    assert isinstance(frame, IFrame) and frame.src.startswith("http://localhost:")
     port = int(frame.src.rsplit(":", 1)[1])
     try:
         assert port > 0 and netron.status(port)
