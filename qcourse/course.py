@@ -35,9 +35,8 @@ def run_demo(out_dir: Path, seed: int = 0, echo=print) -> Dict[str, float]:
 def _demo(out_dir: Path, seed: int, echo) -> Dict[str, float]:
     import onnxruntime as ort
 
-    from qcourse import digits, quant_modules, workflow
+    from qcourse import digits, workflow
     from qcourse.export import export_onnx, list_qdq_nodes
-    from qcourse.tensor_quant import QuantDescriptor
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -46,18 +45,9 @@ def _demo(out_dir: Path, seed: int, echo) -> Dict[str, float]:
     results = {"fp32": digits.accuracy(model, data.x_test, data.y_test)}
     calib_batches = digits.batches(data.x_calib, batch_size=64)
 
-    def quantized(method: str):
-        import copy
-
-        qm = copy.deepcopy(model)
-        desc = QuantDescriptor(calib_method="max" if method == "max" else "histogram")
-        quant_modules.replace_modules(qm, quant_desc_input=desc)
-        workflow.calibrate_model(qm, calib_batches, method=method, progress=False)
-        return qm.eval()
-
     models = {}
     for method in ("max", "entropy", "mse", "percentile"):
-        models[method] = quantized(method)
+        models[method] = workflow.quantized_copy(model, calib_batches, method=method)
         results[f"int8 {method}"] = digits.accuracy(models[method], data.x_test, data.y_test)
 
     best = max(("max", "entropy", "mse", "percentile"), key=lambda m: results[f"int8 {m}"])
