@@ -111,6 +111,32 @@ def non_max_suppression(
         A list with one ``(n, 6)`` float32 tensor per image: ``x1, y1, x2, y2, conf, cls``,
         sorted by decreasing confidence, on the device of ``pred``.
     """
+    pred = _checked_pred(pred)
+    conf_thres = _check_unit("conf_thres", conf_thres)
+    iou_thres = _check_unit("iou_thres", iou_thres)
+    if int(max_det) < 1:
+        raise ValueError(f"max_det must be >= 1, got {max_det}")
+    if int(max_nms) < 1:
+        raise ValueError(f"max_nms must be >= 1, got {max_nms}")
+    nc = pred.shape[2] - 5
+    multi_label = bool(multi_label) and nc > 1
+    class_filter = None
+    if classes is not None:
+        class_filter = torch.as_tensor(list(classes), dtype=torch.float32, device=pred.device)
+
+    output = []
+    for x in pred:
+        det = _candidates(x, conf_thres, multi_label, class_filter)
+        if det.shape[0] > max_nms:
+            det = det[det[:, 4].argsort(descending=True)[:max_nms]]
+        groups = torch.zeros_like(det[:, 5], dtype=torch.int64) if agnostic else det[:, 5].long()
+        keep = batched_nms(det[:, :4], det[:, 4], groups, iou_thres)[: int(max_det)]
+        output.append(det[keep])
+    return output
+
+
+def _checked_pred(pred) -> torch.Tensor:
+    """The ``(batch, anchors, 5 + nc)`` float tensor inside whatever a model returned."""
     if isinstance(pred, (tuple, list)):
         if not pred:
             raise ValueError("pred is an empty tuple/list; expected a (batch, anchors, 5 + nc) tensor")
@@ -122,44 +148,23 @@ def non_max_suppression(
     if pred.ndim != 3 or pred.shape[2] < 6:
         raise ValueError(
             f"pred must have shape (batch, anchors, 5 + nc) with nc >= 1, got {tuple(pred.shape)}")
-    conf_thres = _check_unit("conf_thres", conf_thres)
-    iou_thres = _check_unit("iou_thres", iou_thres)
-    if int(max_det) < 1:
-        raise ValueError(f"max_det must be >= 1, got {max_det}")
-    if int(max_nms) < 1:
-        raise ValueError(f"max_nms must be >= 1, got {max_nms}")
-    pred = pred.float()
-    nc = pred.shape[2] - 5
-    multi_label = bool(multi_label) and nc > 1
-    class_filter = None
-    if classes is not None:
-        class_filter = torch.as_tensor(list(classes), dtype=torch.float32, device=pred.device)
+    return pred.float()
 
-    output = []
-    for x in pred:
-        x = x[x[:, 4] > conf_thres]
-        if x.shape[0] == 0:
-            output.append(torch.zeros((0, 6), device=pred.device))
-            continue
-        scores = x[:, 5:] * x[:, 4:5]  # conf = obj * cls
-        box = box_convert(x[:, :4], "cxcywh", "xyxy")
-        if multi_label:
-            i, j = (scores > conf_thres).nonzero(as_tuple=True)
-            det = torch.cat((box[i], scores[i, j, None], j[:, None].float()), 1)
-        else:
-            conf, j = scores.max(1, keepdim=True)
-            det = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
-        if class_filter is not None:
-            det = det[(det[:, 5:6] == class_filter).any(1)]
-        if det.shape[0] == 0:
-            output.append(torch.zeros((0, 6), device=pred.device))
-            continue
-        if det.shape[0] > max_nms:
-            det = det[det[:, 4].argsort(descending=True)[:max_nms]]
-        groups = torch.zeros_like(det[:, 5], dtype=torch.int64) if agnostic else det[:, 5].long()
-        keep = batched_nms(det[:, :4], det[:, 4], groups, iou_thres)[: int(max_det)]
-        output.append(det[keep])
-    return output
+
+def _candidates(x: torch.Tensor, conf_thres: float, multi_label: bool, class_filter) -> torch.Tensor:
+    """One image's ``(n, 6)`` candidates ``x1, y1, x2, y2, conf, cls`` that pass the threshold."""
+    x = x[x[:, 4] > conf_thres]              # objectness first: cheap, and removes most anchors
+    scores = x[:, 5:] * x[:, 4:5]            # conf = obj * cls, as the official code
+    box = box_convert(x[:, :4], "cxcywh", "xyxy")
+    if multi_label:                          # every passing class is its own detection (mAP mode)
+        i, j = (scores > conf_thres).nonzero(as_tuple=True)
+        det = torch.cat((box[i], scores[i, j, None], j[:, None].float()), 1)
+    else:
+        conf, j = scores.max(1, keepdim=True)
+        det = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
+    if class_filter is not None:
+        det = det[(det[:, 5:6] == class_filter).any(1)]
+    return det
 
 
 def clip_boxes(boxes: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
