@@ -1,8 +1,9 @@
 """Lessons 5-8 — detection data: a COCO-format loader and the course's synthetic dataset.
 
 * :mod:`qcourse.datasets.coco` — :class:`CocoDetection` (letterbox, targets, caching,
-  augmentation), :func:`create_dataloader`, :func:`collate_fn` and the 80-class COCO id
-  mapping (:data:`COCO80_TO_91`, :func:`coco91_to_80`).
+  augmentation; the annotation file is checked on load and a broken one raises
+  :class:`CocoFormatError`), :func:`create_dataloader`, :func:`collate_fn` and the 80-class
+  COCO id mapping (:data:`COCO80_TO_91`, :func:`coco91_to_80`).
 * :mod:`qcourse.datasets.synthetic` — :func:`make_synthetic_coco` writes a deterministic
   shapes dataset in COCO layout; :func:`ensure_default_dataset` creates (once) the
   default that lessons 5-8 train, calibrate and evaluate on.
@@ -12,6 +13,7 @@ from .coco import (
     COCO80_TO_91,
     COCO91_TO_80,
     CocoDetection,
+    CocoFormatError,
     EpochSampler,
     LetterboxInfo,
     coco80_to_91,
@@ -35,6 +37,7 @@ __all__ = [
     "COCO80_TO_91",
     "COCO91_TO_80",
     "CocoDetection",
+    "CocoFormatError",
     "EpochSampler",
     "LetterboxInfo",
     "coco80_to_91",

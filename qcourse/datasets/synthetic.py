@@ -43,21 +43,34 @@ Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the
 arguments give byte-identical files (JPEG via Pillow at a fixed quality with 4:4:4 chroma,
 or PNG). :func:`ensure_default_dataset` creates the course's default (2000 train + 250 val
 images, ``img_size=160``) once in a cache folder and reuses it while its manifest matches.
+
+Safety: the generator deletes or replaces only files that its own manifest lists (a folder
+it did not write, such as a real COCO download, is refused, never emptied); images are drawn
+into a temporary folder that is removed if the run fails or is interrupted with Ctrl-C; and
+concurrent calls of :func:`ensure_default_dataset` take turns through a lock file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+import signal
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
+
+try:  # the lock of ensure_default_dataset (POSIX only)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = [
     "CLASSES",
@@ -419,6 +432,10 @@ def _resolve_workers(workers: Optional[int], total: int) -> int:
     return _check_int("workers", workers, 1)
 
 
+def _image_name(idx: int, fmt: str) -> str:
+    return f"{idx:06d}.{fmt}"
+
+
 def _make_one(job) -> Tuple[dict, List[dict], str]:
     """Draw, save and annotate one image (module level so that a process pool can run it)."""
     img_dir, split, idx, seed, img_size, non_square, fmt, quality, opts = job
@@ -431,7 +448,7 @@ def _make_one(job) -> Tuple[dict, List[dict], str]:
         else:
             w = short
     image, objects = render_image(rng, h, w, **opts)
-    name = f"{idx:06d}.{fmt}"
+    name = _image_name(idx, fmt)
     path = Path(img_dir) / name
     pil = Image.fromarray(image)
     if fmt == "jpg":
@@ -442,6 +459,232 @@ def _make_one(job) -> Tuple[dict, List[dict], str]:
     anns = [_annotation(m, 0, image_id, cls + 1) for cls, m in objects]
     info = {"id": image_id, "file_name": name, "width": w, "height": h}
     return info, anns, _sha256(path)
+
+
+def _checked_params(n_train, n_val, img_size, seed, max_objects, clutter, background, shading,
+                    non_square, occlusion, min_visible, image_format, jpeg_quality) -> dict:
+    """Validate the generator's arguments; return them as the manifest records them (the key
+    order is part of the manifest's bytes, so it stays as it is)."""
+    n_train = _check_int("n_train", n_train, 0)
+    n_val = _check_int("n_val", n_val, 0)
+    img_size = _check_int("img_size", img_size, 32)
+    seed = _check_int("seed", seed, 0)
+    max_objects = _check_int("max_objects", max_objects, 1)
+    if background not in ("mixed", "flat"):
+        raise ValueError(f"background must be 'mixed' or 'flat', got {background!r}")
+    fmt = image_format.lower().lstrip(".")
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if not 0.0 < float(min_visible) <= 1.0:
+        raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
+    return {
+        "n_train": n_train, "n_val": n_val, "img_size": img_size, "seed": seed,
+        "max_objects": max_objects, "clutter": bool(clutter), "background": background,
+        "shading": bool(shading), "non_square": bool(non_square), "occlusion": bool(occlusion),
+        "min_visible": float(min_visible), "image_format": fmt, "jpeg_quality": int(jpeg_quality),
+    }
+
+
+def _planned_files(params: dict) -> List[str]:
+    """The paths (relative to the root) that a dataset with ``params`` will write, manifest
+    excluded — known before anything is drawn, so clashes are found before any work."""
+    files = []
+    for split in ("train", "val"):
+        files += [f"images/{split}/{_image_name(i, params['image_format'])}"
+                  for i in range(params[f"n_{split}"])]
+        files.append(f"annotations/instances_{split}.json")
+    return files
+
+
+# ----------------------------------------------------------------------------- ownership
+# The generator deletes or replaces only files it can prove it wrote: those listed in a
+# manifest.json carrying its generator tag. Anything else in the folder — a real COCO
+# download, a user's notes — is never touched.
+_GENERATOR_TAG = "qcourse.datasets.synthetic"
+_MANIFEST = "manifest.json"
+
+
+def _is_own_path(rel) -> bool:
+    """A manifest entry this generator could have written: relative, under images/ or
+    annotations/, no '..' (so even a forged manifest cannot point outside those folders)."""
+    if not isinstance(rel, str):
+        return False
+    p = PurePosixPath(rel)
+    return (not p.is_absolute() and len(p.parts) >= 2 and ".." not in p.parts
+            and p.parts[0] in ("images", "annotations"))
+
+
+def _own_manifest(root: Path) -> Optional[dict]:
+    """The manifest of ``root`` when this generator wrote it, else ``None``."""
+    try:
+        manifest = json.loads((root / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("generator") != _GENERATOR_TAG:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(_is_own_path(rel) for rel in files):
+        return None
+    return manifest
+
+
+def _claim_output(root: Path, params: dict, overwrite: bool) -> Set[str]:
+    """Check that writing a dataset with ``params`` into ``root`` replaces only this
+    generator's own files; return the files of the earlier dataset there (empty if none)."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a folder; choose a folder for the dataset")
+    present = [n for n in ("images", "annotations", _MANIFEST) if (root / n).exists()]
+    if not present:  # every file the generator writes lies under these three names
+        return set()
+    if not overwrite:
+        raise FileExistsError(
+            f"{root} already holds a dataset ({', '.join(present)}); pass overwrite=True to "
+            "replace it or choose an empty folder")
+    manifest = _own_manifest(root)
+    if manifest is None:
+        raise FileExistsError(
+            f"{root} holds {', '.join(present)} but no manifest.json written by "
+            f"{_GENERATOR_TAG}, so overwrite=True would delete files this generator did not "
+            f"write; choose another folder, or remove {root} yourself if you no longer need it")
+    old_files = set(manifest["files"])
+    clashes = [rel for rel in _planned_files(params) if rel not in old_files and (root / rel).exists()]
+    if clashes:
+        raise FileExistsError(
+            f"{root} holds {len(clashes)} file(s) that the new dataset would overwrite but that "
+            f"its manifest does not list, e.g. {clashes[:3]}; move them away or choose another folder")
+    return old_files
+
+
+# ----------------------------------------------------------------------------- writing
+def _ignore_sigint() -> None:  # pragma: no cover - runs in the pool's worker processes
+    # Ctrl-C reaches every process of the terminal's group: the workers ignore it and the
+    # parent, which gets KeyboardInterrupt, terminates them and cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _image_pool(n_workers: int):
+    """A process pool (``None`` for one worker) that never outlives an error: on any
+    exception — Ctrl-C included — it is terminated at once. (``close()`` + ``join()`` would
+    wait for every queued image, and forever if a worker died.)"""
+    if n_workers == 1:
+        yield None
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    pool = ctx.Pool(n_workers, initializer=_ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
+def _staging_prefix(root: Path) -> str:
+    return f".{root.name}.tmp-"
+
+
+@contextlib.contextmanager
+def _staging_dir(root: Path):
+    """A new folder to generate into, removed on every exit: an interrupted or failed run
+    leaves nothing behind. It lies next to ``root`` — on the same file system, so the
+    finished files move into place by renaming — or inside an existing ``root`` that is a
+    mount point or has a read-only parent (renames cannot cross file systems)."""
+    root = Path(os.path.abspath(root))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    where = root.parent
+    if root.is_dir() and (root.stat().st_dev != root.parent.stat().st_dev
+                          or not os.access(root.parent, os.W_OK)):
+        where = root
+    staging = where / f"{_staging_prefix(root)}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_split(out: Path, split: str, n: int, params: dict, pool, bar) -> Dict[str, str]:
+    """Draw the ``n`` images of ``split`` and its json into ``out``; return their sha256."""
+    img_dir = out / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    render_opts = {k: params[k] for k in ("max_objects", "clutter", "background", "shading",
+                                          "min_visible", "occlusion")}
+    jobs = [(str(img_dir), split, idx, params["seed"], params["img_size"], params["non_square"],
+             params["image_format"], params["jpeg_quality"], render_opts) for idx in range(n)]
+    results = pool.imap(_make_one, jobs, chunksize=16) if pool else map(_make_one, jobs)
+    images, annotations, files = [], [], {}
+    for info, anns, digest in results:
+        images.append(info)
+        for a in anns:
+            a["id"] = len(annotations) + 1
+            annotations.append(a)
+        files[f"images/{split}/{info['file_name']}"] = digest
+        bar.update(1)
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
+                  for i, name in enumerate(CLASSES)]
+    ann = {
+        "info": {"description": "qcourse synthetic shapes", "version": str(GENERATOR_VERSION)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    ann_path = out / "annotations" / f"instances_{split}.json"
+    ann_path.parent.mkdir(parents=True, exist_ok=True)
+    ann_path.write_text(json.dumps(ann, separators=(",", ":")))
+    files[f"annotations/instances_{split}.json"] = _sha256(ann_path)
+    return files
+
+
+def _write_dataset(out: Path, params: dict, progress: bool, workers: Optional[int]) -> dict:
+    """Write both splits and the manifest into the (empty) folder ``out``; return the manifest."""
+    total = params["n_train"] + params["n_val"]
+    files: Dict[str, str] = {}
+    with tqdm(total=total, desc="synthetic dataset", unit="img",
+              disable=None if progress else True) as bar, \
+            _image_pool(_resolve_workers(workers, total)) as pool:
+        for split in ("train", "val"):
+            files.update(_write_split(out, split, params[f"n_{split}"], params, pool, bar))
+    manifest = {
+        "generator": _GENERATOR_TAG,
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "classes": list(CLASSES),
+        "files": dict(sorted(files.items())),
+    }
+    (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _install(staging: Path, root: Path, manifest: dict, old_files: Set[str]) -> None:
+    """Move the finished dataset from ``staging`` into ``root``.
+
+    A new or empty ``root`` is replaced by one atomic rename: other processes see either no
+    dataset or a complete one. Into a folder that holds other files the files move one by
+    one, replacing the earlier dataset's files; files of the earlier manifest that the new
+    one lacks are deleted, and nothing else is touched. The manifest moves last, so a folder
+    interrupted half-way fails verification and is repaired on the next call."""
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    if not root.exists():
+        os.replace(staging, root)
+        return
+    for d in sorted(p for p in staging.rglob("*") if p.is_dir()):  # e.g. an empty images/train
+        (root / d.relative_to(staging)).mkdir(parents=True, exist_ok=True)
+    for rel in manifest["files"]:
+        os.replace(staging / rel, root / rel)
+    for rel in sorted(old_files - set(manifest["files"])):
+        (root / rel).unlink(missing_ok=True)
+    os.replace(staging / _MANIFEST, root / _MANIFEST)
 
 
 def make_synthetic_coco(
@@ -467,9 +710,11 @@ def make_synthetic_coco(
     """Write a synthetic detection dataset in COCO layout under ``root``.
 
     Args:
-        root: output folder; created if needed. Must not already hold a dataset unless
-            ``overwrite=True`` (which deletes ``root/images``, ``root/annotations`` and the
-            manifest first).
+        root: output folder; created if needed. Other files in it are left alone. It must
+            not already hold a dataset (``images/``, ``annotations/`` or ``manifest.json``)
+            unless ``overwrite=True``, which replaces an earlier dataset of this generator:
+            exactly the files its manifest lists. A folder whose dataset this generator did
+            not write (no manifest of its own, e.g. a real COCO download) is refused.
         n_train, n_val: number of images in the ``train`` and ``val`` splits.
         img_size: the longer image side in pixels (>= 32); square images are
             ``img_size x img_size``.
@@ -489,94 +734,23 @@ def make_synthetic_coco(
         workers: processes that draw images (``None``: up to 4 CPU cores when there are
             more than 500 images, else 1). The files do not depend on it.
 
+    The images are drawn into a temporary folder (next to ``root``, or inside it when it is a
+    mount point) and moved into place when complete; if the run fails or is interrupted
+    (Ctrl-C), the worker processes are stopped, the temporary folder is removed, ``root`` is
+    unchanged and the exception propagates.
+
     Returns:
         ``root`` as a :class:`~pathlib.Path`. ``root/manifest.json`` records the parameters
         and the sha256 of every file written.
     """
-    n_train = _check_int("n_train", n_train, 0)
-    n_val = _check_int("n_val", n_val, 0)
-    img_size = _check_int("img_size", img_size, 32)
-    seed = _check_int("seed", seed, 0)
-    max_objects = _check_int("max_objects", max_objects, 1)
-    if background not in ("mixed", "flat"):
-        raise ValueError(f"background must be 'mixed' or 'flat', got {background!r}")
-    fmt = image_format.lower().lstrip(".")
-    fmt = "jpg" if fmt == "jpeg" else fmt
-    if fmt not in ("jpg", "png"):
-        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
-    if not 0.0 < float(min_visible) <= 1.0:
-        raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
-
+    params = _checked_params(n_train, n_val, img_size, seed, max_objects, clutter, background,
+                             shading, non_square, occlusion, min_visible, image_format,
+                             jpeg_quality)
     root = Path(root)
-    if (root / "annotations").exists() or (root / "images").exists() or (root / "manifest.json").exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{root} already holds a dataset (images/, annotations/ or manifest.json); "
-                "pass overwrite=True to replace it or choose an empty folder")
-        for sub in ("images", "annotations"):
-            shutil.rmtree(root / sub, ignore_errors=True)
-        (root / "manifest.json").unlink(missing_ok=True)
-
-    params = {
-        "n_train": n_train, "n_val": n_val, "img_size": img_size, "seed": seed,
-        "max_objects": max_objects, "clutter": bool(clutter), "background": background,
-        "shading": bool(shading), "non_square": bool(non_square), "occlusion": bool(occlusion),
-        "min_visible": float(min_visible), "image_format": fmt, "jpeg_quality": int(jpeg_quality),
-    }
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
-    files: Dict[str, str] = {}
-    total = n_train + n_val
-    bar = tqdm(total=total, desc="synthetic dataset", unit="img", disable=None if progress else True)
-    render_opts = {k: params[k] for k in ("max_objects", "clutter", "background", "shading",
-                                          "min_visible", "occlusion")}
-    n_workers = _resolve_workers(workers, total)
-    pool = None
-    if n_workers > 1:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(n_workers)
-    try:
-        for split, n in (("train", n_train), ("val", n_val)):
-            img_dir = root / "images" / split
-            img_dir.mkdir(parents=True, exist_ok=True)
-            images, annotations = [], []
-            jobs = [(str(img_dir), split, idx, seed, img_size, bool(non_square), fmt,
-                     int(jpeg_quality), render_opts) for idx in range(n)]
-            results = pool.imap(_make_one, jobs, chunksize=16) if pool else map(_make_one, jobs)
-            for info, anns, digest in results:
-                images.append(info)
-                for a in anns:
-                    a["id"] = len(annotations) + 1
-                    annotations.append(a)
-                files[f"images/{split}/{info['file_name']}"] = digest
-                bar.update(1)
-            ann = {
-                "info": {"description": "qcourse synthetic shapes", "version": str(GENERATOR_VERSION)},
-                "licenses": [],
-                "images": images,
-                "annotations": annotations,
-                "categories": categories,
-            }
-            ann_path = root / "annotations" / f"instances_{split}.json"
-            ann_path.parent.mkdir(parents=True, exist_ok=True)
-            ann_path.write_text(json.dumps(ann, separators=(",", ":")))
-            files[f"annotations/instances_{split}.json"] = _sha256(ann_path)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    bar.close()
-    manifest = {
-        "generator": "qcourse.datasets.synthetic",
-        "version": GENERATOR_VERSION,
-        "params": params,
-        "classes": list(CLASSES),
-        "files": dict(sorted(files.items())),
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    old_files = _claim_output(root, params, overwrite)
+    with _staging_dir(root) as staging:
+        manifest = _write_dataset(staging, params, progress, workers)
+        _install(staging, root, manifest, old_files)
     return root
 
 
@@ -585,18 +759,14 @@ def verify_synthetic_coco(root: Union[str, os.PathLike], params: Optional[dict] 
     the manifest exists, has this generator version, its parameters include ``params``
     (if given), and every listed file exists with the recorded sha256."""
     root = Path(root)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if (manifest.get("generator") != "qcourse.datasets.synthetic"
-            or manifest.get("version") != GENERATOR_VERSION):
+    manifest = _own_manifest(root)
+    if manifest is None or manifest.get("version") != GENERATOR_VERSION:
         return False
     if params:
         recorded = manifest.get("params", {})
         if any(recorded.get(k) != v for k, v in params.items()):
             return False
-    files = manifest.get("files") or {}
+    files = manifest["files"]
     if not files:
         return False
     for rel, digest in files.items():
@@ -614,32 +784,65 @@ def default_dataset_root() -> Path:
     return base_path / f"synthetic-v{GENERATOR_VERSION}"
 
 
+@contextlib.contextmanager
+def _exclusive_lock(root: Path):
+    """Hold an exclusive ``flock`` on ``.NAME.lock`` next to ``root``: of several processes
+    building the same dataset, one works and the others wait, then find it finished. The
+    small lock file stays (deleting it while another process waits on it would let two
+    processes lock two different files). Without ``fcntl`` (Windows) there is no lock."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    root = Path(os.path.abspath(root))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_replaceable(root: Path) -> None:
+    """Refuse a folder that exists, is not empty and holds no dataset of this generator.
+    (One that another process is building holds nothing, or only that process's staging
+    folder, or already our manifest — but for the instant its files move in: see
+    _staging_dir and _install.)"""
+    if not root.exists():
+        return
+    if root.is_dir():
+        prefix = _staging_prefix(Path(os.path.abspath(root)))
+        if all(p.name.startswith(prefix) for p in root.iterdir()) or _own_manifest(root) is not None:
+            return
+    raise FileExistsError(
+        f"{root} exists and is not a qcourse synthetic dataset (no manifest.json written by "
+        f"{_GENERATOR_TAG}), so ensure_default_dataset will neither write into it nor delete "
+        "anything there. Pass an empty or new folder to ensure_default_dataset(root=...) or "
+        f"set QCOURSE_DATA; or remove {root} yourself if you no longer need it")
+
+
 def ensure_default_dataset(root: Optional[Union[str, os.PathLike]] = None, progress: bool = True) -> Path:
     """Return the folder of the course's default dataset, generating it if needed.
 
     The default is :data:`DEFAULT_PARAMS` (2000 train + 250 val images, ``img_size=160``,
-    seed 0). An existing folder is reused when :func:`verify_synthetic_coco` accepts it;
-    otherwise the dataset is generated into a temporary sibling folder and moved into
-    place. A folder that exists, is not empty and was not written by this generator is
-    never deleted: a :class:`FileExistsError` asks for another location.
+    seed 0). An existing folder is reused when :func:`verify_synthetic_coco` accepts it.
+    Otherwise the dataset is generated next to it and moved into place; a damaged dataset
+    of this generator is repaired by replacing the files its manifest lists (other files
+    in the folder are kept). A folder that exists, is not empty and was not written by this
+    generator is never touched: a :class:`FileExistsError` asks for another location.
+
+    Several processes may call this at once: a lock file next to ``root`` lets one build
+    while the others wait and then reuse its result. Ctrl-C during the build leaves no
+    temporary files.
     """
     root = Path(root).expanduser() if root is not None else default_dataset_root()
     if verify_synthetic_coco(root, DEFAULT_PARAMS):
         return root
-    if root.exists():
-        is_ours = (root / "manifest.json").is_file() or (root / "annotations").is_dir()
-        if any(root.iterdir()) and not is_ours:
-            raise FileExistsError(
-                f"{root} exists and is not a qcourse synthetic dataset; pass an empty or new "
-                "folder to ensure_default_dataset(root=...) or set QCOURSE_DATA")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_synthetic_coco(tmp, **DEFAULT_PARAMS, progress=progress)
-    if verify_synthetic_coco(root, DEFAULT_PARAMS):  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    # Refuse a foreign folder before creating anything, not even the lock file, next to it
+    # (safe while another process builds there: see _check_replaceable).
+    _check_replaceable(root)
+    with _exclusive_lock(root):
+        if verify_synthetic_coco(root, DEFAULT_PARAMS):  # another process built it meanwhile
+            return root
+        make_synthetic_coco(root, **DEFAULT_PARAMS, overwrite=True, progress=progress)
     return root
