@@ -52,6 +52,7 @@ concurrent calls of :func:`ensure_default_dataset` take turns through a lock fil
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 import hashlib
 import json
 import math
@@ -289,6 +290,18 @@ def _near(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int], gap: int =
     return not (a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1])
 
 
+@dataclass
+class _Scene:
+    """The objects drawn so far, one entry per object in drawing order."""
+
+    visible: List[np.ndarray] = field(default_factory=list)   # pixels still visible
+    full_counts: List[int] = field(default_factory=list)      # pixels when drawn
+    vis_counts: List[int] = field(default_factory=list)       # pixels still visible
+    boxes: List[Tuple[int, int, int, int]] = field(default_factory=list)  # drawn box
+    colours: List[np.ndarray] = field(default_factory=list)
+    classes: List[int] = field(default_factory=list)
+
+
 def render_image(
     rng: np.random.Generator,
     height: int,
@@ -308,6 +321,10 @@ def render_image(
         ``objects`` lists ``(class_index, visible_mask)`` in drawing order, where
         ``visible_mask`` is an ``(height, width)`` bool array of the object's pixels that
         remain visible in the final image.
+
+    The random draws happen in a fixed order (background, clutter, object count, then per
+    object: class, size, placement, colour, shading; then noise): the dataset's bytes, and so
+    the shipped checkpoint's figures, depend on that order.
     """
     mixed = background == "mixed"
     canvas = _background(rng, height, width, mixed)
@@ -317,83 +334,95 @@ def render_image(
         canvas = np.asarray(pil, np.float32).copy()
     bg_snapshot = canvas.copy()
 
+    scene = _Scene()
     n_obj = 0 if rng.random() < 0.03 else int(rng.integers(1, max_objects + 1))
-    full_counts: List[int] = []
-    vis_counts: List[int] = []
-    visible: List[np.ndarray] = []
-    boxes: List[Tuple[int, int, int, int]] = []  # full (drawn) box of each object
-    colours: List[np.ndarray] = []
-    classes: List[int] = []
     for _ in range(n_obj):
         cls = int(rng.integers(len(CLASSES)))
         size = _sample_size(rng, min(height, width))
         if size is None:
             continue
-        geo = _shape_geometry(CLASSES[cls], size, rng)
-        placed = None
-        for _try in range(20):
-            x0, y0, x1, y1 = _extent(geo)
-            lo_x, hi_x = 1 - x0, width - 2 - x1
-            lo_y, hi_y = 1 - y0, height - 2 - y1
-            if hi_x < lo_x or hi_y < lo_y:  # too big for this image: shrink and retry
-                size *= 0.9
-                geo = _shape_geometry(CLASSES[cls], size, rng)
-                continue
-            cx, cy = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
-            m = _draw_mask(geo, cx, cy, height, width)
-            n_px = int(m.sum())
-            if n_px < 30:
-                continue
-            box = _box_of(m)
-            sl = (slice(box[1], box[3] + 1), slice(box[0], box[2] + 1))
-            mc = m[sl]
-            inter = [0] * len(visible)
-            ok = True
-            for j, v in enumerate(visible):
-                if not _near(box, boxes[j], 0):
-                    continue
-                inter[j] = int((v[sl] & mc).sum())
-                if not occlusion and inter[j]:
-                    ok = False
-                    break
-                remaining = vis_counts[j] - inter[j]
-                if remaining < min_visible * full_counts[j] or remaining < 30:
-                    ok = False
-                    break
-                if classes[j] == cls and _box_iou(box, _box_of(visible[j])) > 0.5:
-                    ok = False  # keep same-class boxes apart: NMS at IoU 0.65 must not merge them
-                    break
-            if ok:
-                placed = (m, n_px, cx, cy, box, sl, mc, inter)
-                break
-        if placed is None:
-            continue
-        m, n_px, cx, cy, box, sl, mc, inter = placed
-        overlapped = [colours[j] for j in range(len(visible)) if _near(box, boxes[j], 2)]
-        colour = _pick_colour(rng, bg_snapshot[m], overlapped)
-        if shading:
-            a = rng.uniform(0, 2 * math.pi)
-            g = rng.uniform(-0.15, 0.15)
-            ys, xs = np.nonzero(m)
-            ramp = ((xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)) / (size / 2.0)
-            canvas[m] = colour * (1.0 + g * np.clip(ramp, -1, 1))[:, None]
-        else:
-            canvas[m] = colour
-        for j in range(len(visible)):
-            if inter[j]:
-                visible[j][sl] &= ~mc
-                vis_counts[j] -= inter[j]
-        visible.append(m.copy())
-        full_counts.append(n_px)
-        vis_counts.append(n_px)
-        boxes.append(box)
-        colours.append(colour)
-        classes.append(cls)
+        placed = _place(rng, cls, size, height, width, scene, min_visible, occlusion)
+        if placed is not None:
+            _paint(rng, canvas, bg_snapshot, scene, cls, placed, shading)
 
     if mixed and rng.random() < 0.6:
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(rng.uniform(2, 10))
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-    return image, list(zip(classes, visible))
+    return image, list(zip(scene.classes, scene.visible))
+
+
+def _place(rng, cls: int, size: float, height: int, width: int, scene: _Scene,
+           min_visible: float, occlusion: bool):
+    """Up to 20 tries to put a new object where every earlier one stays recognisable.
+
+    Returns ``(mask, n_px, cx, cy, box, slice, cropped mask, overlap with each earlier object,
+    size after shrinking)`` or ``None`` when no try succeeds (the object is then skipped).
+    """
+    geo = _shape_geometry(CLASSES[cls], size, rng)
+    for _try in range(20):
+        x0, y0, x1, y1 = _extent(geo)
+        lo_x, hi_x = 1 - x0, width - 2 - x1
+        lo_y, hi_y = 1 - y0, height - 2 - y1
+        if hi_x < lo_x or hi_y < lo_y:  # too big for this image: shrink and retry
+            size *= 0.9
+            geo = _shape_geometry(CLASSES[cls], size, rng)
+            continue
+        cx, cy = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+        m = _draw_mask(geo, cx, cy, height, width)
+        n_px = int(m.sum())
+        if n_px < 30:
+            continue
+        box = _box_of(m)
+        sl = (slice(box[1], box[3] + 1), slice(box[0], box[2] + 1))
+        mc = m[sl]
+        inter = _overlaps(scene, cls, box, sl, mc, min_visible, occlusion)
+        if inter is not None:
+            return m, n_px, cx, cy, box, sl, mc, inter, size
+    return None
+
+
+def _overlaps(scene: _Scene, cls: int, box, sl, mc, min_visible: float, occlusion: bool):
+    """Pixels the new object would hide of each earlier one, or ``None`` if it hides too much."""
+    inter = [0] * len(scene.visible)
+    for j, v in enumerate(scene.visible):
+        if not _near(box, scene.boxes[j], 0):
+            continue
+        inter[j] = int((v[sl] & mc).sum())
+        if not occlusion and inter[j]:
+            return None
+        remaining = scene.vis_counts[j] - inter[j]
+        if remaining < min_visible * scene.full_counts[j] or remaining < 30:
+            return None
+        if scene.classes[j] == cls and _box_iou(box, _box_of(scene.visible[j])) > 0.5:
+            return None  # keep same-class boxes apart: NMS at IoU 0.65 must not merge them
+    return inter
+
+
+def _paint(rng, canvas: np.ndarray, bg_snapshot: np.ndarray, scene: _Scene, cls: int, placed,
+           shading: bool) -> None:
+    """Colour the placed object onto ``canvas`` and record it; earlier objects lose what it hides."""
+    m, n_px, cx, cy, box, sl, mc, inter, size = placed
+    # a colour that stands out from the background under it and from the objects it touches
+    overlapped = [scene.colours[j] for j in range(len(scene.visible)) if _near(box, scene.boxes[j], 2)]
+    colour = _pick_colour(rng, bg_snapshot[m], overlapped)
+    if shading:
+        a = rng.uniform(0, 2 * math.pi)
+        g = rng.uniform(-0.15, 0.15)
+        ys, xs = np.nonzero(m)
+        ramp = ((xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)) / (size / 2.0)
+        canvas[m] = colour * (1.0 + g * np.clip(ramp, -1, 1))[:, None]
+    else:
+        canvas[m] = colour
+    for j in range(len(scene.visible)):
+        if inter[j]:
+            scene.visible[j][sl] &= ~mc
+            scene.vis_counts[j] -= inter[j]
+    scene.visible.append(m.copy())
+    scene.full_counts.append(n_px)
+    scene.vis_counts.append(n_px)
+    scene.boxes.append(box)
+    scene.colours.append(colour)
+    scene.classes.append(cls)
 
 
 # ----------------------------------------------------------------------------- files
