@@ -89,12 +89,14 @@ def _cmd_course(args) -> int:
 
 def _cmd_train(args) -> int:
     from qcourse.datasets import ensure_default_dataset
-    from qcourse.train import train
+    from qcourse.train import TrainConfig, train
 
     root = args.data or ensure_default_dataset()
-    res = train(root, args.out, arch=args.arch, img_size=args.img_size, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
-                max_minutes=args.max_minutes, init=args.init, resume="force" if args.resume else True)
+    # weight_decay and warmup_epochs have no flag: the TrainConfig defaults are the recipe
+    config = TrainConfig(arch=args.arch, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                         init=args.init)
+    res = train(root, args.out, config, resume="force" if args.resume else True)
     if not res["history"]:
         print(f"nothing to train: {args.out} already holds all {args.epochs} epochs of this run")
     print(f"best val mAP@0.5:0.95 = {res['best_map']:.4f}; checkpoint: {Path(args.out) / 'best.pt'}")

@@ -62,19 +62,151 @@ def _extract_pred(out, batch: int) -> torch.Tensor:
     return out
 
 
-def evaluate(
-    model: Union[torch.nn.Module, Callable],
-    loader,
-    conf_thres: float = 0.001,
-    iou_thres: float = 0.65,
-    device: Union[str, torch.device] = "cpu",
-    progress: bool = True,
-    max_batches: Optional[int] = None,
-    *,
-    max_det: int = 300,
-    per_class: bool = False,
-    verbose: bool = False,
-) -> Dict[str, object]:
+def _check_args(model, loader, conf_thres, iou_thres, max_batches):
+    """Refuse bad arguments before the slow model pass; returns ``(dataset, loader)``.
+
+    A bare :class:`~qcourse.datasets.CocoDetection` is batched here (32 at a time) so that
+    every caller, lesson 8's engines included, may hand over whichever it holds.
+    """
+    dataset = _find_dataset(loader)
+    if isinstance(loader, CocoDetection):
+        loader = create_dataloader(loader, batch_size=32)
+    if max_batches is not None and (isinstance(max_batches, bool) or int(max_batches) < 1):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    for name, v in (("conf_thres", conf_thres), ("iou_thres", iou_thres)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    return dataset, loader
+
+
+@contextlib.contextmanager
+def _eval_mode(model, device: torch.device):
+    """Run a torch module in eval mode on ``device``, and give it back in the mode it came in.
+
+    Lesson 7 evaluates the model it is training between QAT epochs: leaving it in eval mode
+    would silently freeze its BatchNorm statistics for the rest of the run.
+    """
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
+        model.to(device)
+    try:
+        yield
+    finally:
+        if is_module and was_training:
+            model.train()
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: without a sync the model's time would land in the NMS's
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _coco_rows(det: torch.Tensor, image_id, shape, info, dataset: CocoDetection) -> np.ndarray:
+    """One image's NMS output as ``loadRes`` rows ``(image_id, x, y, w, h, score, category_id)``.
+
+    Boxes go back from the letterboxed input to original-image pixels and class indices to
+    the dataset's ``category_id`` values, because COCOeval compares with the annotation file.
+    Float64 so that the boxes equal what the official ``test.py`` writes to its json.
+    """
+    det = det.detach().to("cpu", torch.float64)
+    box = scale_boxes(det[:, :4], shape, info.ratio, info.pad).numpy()
+    cls = det[:, 5].numpy().astype(np.int64)
+    block = np.empty((len(det), 7), dtype=np.float64)
+    block[:, 0] = image_id
+    block[:, 1:3] = box[:, :2]
+    block[:, 3:5] = box[:, 2:] - box[:, :2]
+    block[:, 5] = det[:, 4].numpy()
+    block[:, 6] = np.asarray(dataset.cat_ids, dtype=np.int64)[cls]
+    return block
+
+
+def _predict(model, loader, dataset: CocoDetection, n_batches: int, device: torch.device, nms: Dict,
+             progress: bool):
+    """Run the model and NMS over the first ``n_batches`` batches, timing each apart.
+
+    Returns ``(rows, image_ids, model seconds, NMS seconds)``: ``rows`` the per-image arrays
+    of :func:`_coco_rows`, ``image_ids`` every image seen (with or without detections, since
+    an image with no detection still counts against recall).
+    """
+    rows, image_ids, t_model, t_nms = [], [], 0.0, 0.0
+    batches = itertools.islice(iter(loader), n_batches)
+    for imgs, _targets, ids, shapes, infos in tqdm(batches, total=n_batches, desc="evaluate", unit="batch",
+                                                   disable=None if progress else True, leave=False):
+        imgs = imgs.to(device, non_blocking=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(imgs)
+        _sync(device)
+        t1 = time.perf_counter()
+        pred = _extract_pred(out, imgs.shape[0])
+        nc = pred.shape[2] - 5
+        if nc != dataset.nc:
+            raise ValueError(
+                f"the model predicts {nc} classes but {dataset.ann_file} has {dataset.nc} "
+                "categories; evaluate a model trained for this dataset (nc must match)")
+        dets = non_max_suppression(pred, nms["conf_thres"], nms["iou_thres"], max_det=nms["max_det"],
+                                   multi_label=True)
+        _sync(device)
+        t_model += t1 - t0
+        t_nms += time.perf_counter() - t1
+        for det, iid, shape, info in zip(dets, ids, shapes, infos):
+            image_ids.append(int(iid))
+            if det.shape[0]:
+                rows.append(_coco_rows(det, iid, shape, info, dataset))
+    return rows, image_ids, t_model, t_nms
+
+
+def _per_class_ap(ev, dataset: CocoDetection) -> tuple:
+    """Per-class AP@0.5:0.95 and AP@0.5 from COCOeval's precision array (NaN: no ground truth)."""
+    precision = ev.eval["precision"]  # [iou thresholds, recall, classes, areas, max dets]
+    per_map, per_map50 = {}, {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        name = dataset.names[dataset.cat_id_to_index[int(cat_id)]]
+        p = precision[:, :, k, 0, -1]  # area "all", 100 detections, as the summary's first line
+        p50 = precision[0, :, k, 0, -1]
+        per_map[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+        per_map50[name] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else float("nan")
+    return per_map, per_map50
+
+
+def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class: bool, log) -> Dict:
+    """The COCOeval numbers (:data:`STAT_NAMES`, optionally per class) of ``detections``.
+
+    COCOeval is restricted to the evaluated images: with ``max_batches`` the others would
+    count as missed objects. pycocotools prints as it goes; that goes to ``log``.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    result: Dict[str, object] = {name: 0.0 for name in STAT_NAMES}
+    if not len(detections):  # loadRes refuses an empty list, and the answer is known: nothing found
+        log.write("no detections: every metric is 0\n")
+        if per_class:  # 0 for classes with ground truth in the evaluated images, else NaN
+            gt_cats = {int(a["category_id"]) for a in dataset.coco.loadAnns(
+                dataset.coco.getAnnIds(imgIds=sorted(set(image_ids)), iscrowd=False))}
+            per = {n: (0.0 if cid in gt_cats else float("nan")) for n, cid in zip(dataset.names, dataset.cat_ids)}
+            result["per_class_map"], result["per_class_map50"] = dict(per), dict(per)
+        return result
+    with contextlib.redirect_stdout(log):
+        coco_dt = dataset.coco.loadRes(detections)
+        ev = COCOeval(dataset.coco, coco_dt, "bbox")
+        ev.params.imgIds = sorted(set(image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    result.update({name: float(v) for name, v in zip(STAT_NAMES, ev.stats)})
+    if per_class:
+        result["per_class_map"], result["per_class_map50"] = _per_class_ap(ev, dataset)
+    return result
+
+
+def evaluate(model: Union[torch.nn.Module, Callable], loader, conf_thres: float = 0.001, iou_thres: float = 0.65,
+             device: Union[str, torch.device] = "cpu", progress: bool = True, max_batches: Optional[int] = None,
+             *, max_det: int = 300, per_class: bool = False, verbose: bool = False) -> Dict[str, object]:
     """COCO mAP of ``model`` on the dataset behind ``loader``.
 
     Args:
@@ -103,117 +235,24 @@ def evaluate(
         ``total_s``, and with ``per_class=True`` the dicts ``per_class_map`` and
         ``per_class_map50`` (class name -> AP; NaN for a class with no ground truth).
     """
-    from pycocotools.cocoeval import COCOeval
-
     t_start = time.perf_counter()
-    dataset = _find_dataset(loader)
-    if isinstance(loader, CocoDetection):
-        loader = create_dataloader(loader, batch_size=32)
-    if max_batches is not None and (isinstance(max_batches, bool) or int(max_batches) < 1):
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    for name, v in (("conf_thres", conf_thres), ("iou_thres", iou_thres)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
-    if not callable(model):
-        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    dataset, loader = _check_args(model, loader, conf_thres, iou_thres, max_batches)
     device = torch.device(device)
-    is_module = isinstance(model, torch.nn.Module)
-    was_training = model.training if is_module else False
-    if is_module:
-        model.eval()
-        model.to(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     n_batches = len(loader) if max_batches is None else min(len(loader), int(max_batches))
-    rows = []
-    image_ids = []
-    t_model = t_nms = 0.0
-    try:
-        with torch.inference_mode():
-            batches = itertools.islice(iter(loader), n_batches)
-            for imgs, _targets, ids, shapes, infos in tqdm(
-                    batches, total=n_batches, desc="evaluate", unit="batch",
-                    disable=None if progress else True, leave=False):
-                imgs = imgs.to(device, non_blocking=True)
-                sync()
-                t0 = time.perf_counter()
-                out = model(imgs)
-                sync()
-                t1 = time.perf_counter()
-                pred = _extract_pred(out, imgs.shape[0])
-                nc = pred.shape[2] - 5
-                if nc != dataset.nc:
-                    raise ValueError(
-                        f"the model predicts {nc} classes but {dataset.ann_file} has {dataset.nc} "
-                        "categories; evaluate a model trained for this dataset (nc must match)")
-                dets = non_max_suppression(pred, conf_thres, iou_thres, max_det=max_det, multi_label=True)
-                sync()
-                t_model += t1 - t0
-                t_nms += time.perf_counter() - t1
-                for det, iid, shape, info in zip(dets, ids, shapes, infos):
-                    image_ids.append(int(iid))
-                    if det.shape[0] == 0:
-                        continue
-                    det = det.detach().to("cpu", torch.float64)
-                    box = scale_boxes(det[:, :4], shape, info.ratio, info.pad).numpy()
-                    cls = det[:, 5].numpy().astype(np.int64)
-                    block = np.empty((len(det), 7), dtype=np.float64)
-                    block[:, 0] = iid
-                    block[:, 1:3] = box[:, :2]
-                    block[:, 3:5] = box[:, 2:] - box[:, :2]
-                    block[:, 5] = det[:, 4].numpy()
-                    block[:, 6] = np.asarray(dataset.cat_ids, dtype=np.int64)[cls]
-                    rows.append(block)
-    finally:
-        if is_module and was_training:
-            model.train()
+    nms = {"conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det}
+    with _eval_mode(model, device), torch.inference_mode():
+        rows, image_ids, t_model, t_nms = _predict(model, loader, dataset, n_batches, device, nms, progress)
 
     n_images = len(image_ids)
-    result: Dict[str, object] = {name: 0.0 for name in STAT_NAMES}
     detections = np.concatenate(rows, 0) if rows else np.zeros((0, 7))
-    t0 = time.perf_counter()
-    log = io.StringIO()
-    if len(detections):
-        with contextlib.redirect_stdout(log):
-            coco_dt = dataset.coco.loadRes(detections)
-            ev = COCOeval(dataset.coco, coco_dt, "bbox")
-            ev.params.imgIds = sorted(set(image_ids))
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        result.update({name: float(v) for name, v in zip(STAT_NAMES, ev.stats)})
-        if per_class:
-            precision = ev.eval["precision"]  # [iou thresholds, recall, classes, areas, max dets]
-            per_map, per_map50 = {}, {}
-            for k, cat_id in enumerate(ev.params.catIds):
-                name = dataset.names[dataset.cat_id_to_index[int(cat_id)]]
-                p = precision[:, :, k, 0, -1]
-                p50 = precision[0, :, k, 0, -1]
-                per_map[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
-                per_map50[name] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else float("nan")
-            result["per_class_map"] = per_map
-            result["per_class_map50"] = per_map50
-    else:
-        log.write("no detections: every metric is 0\n")
-        if per_class:  # 0 for classes with ground truth in the evaluated images, else NaN
-            gt_cats = {int(a["category_id"]) for a in dataset.coco.loadAnns(
-                dataset.coco.getAnnIds(imgIds=sorted(set(image_ids)), iscrowd=False))}
-            per = {n: (0.0 if cid in gt_cats else float("nan"))
-                   for n, cid in zip(dataset.names, dataset.cat_ids)}
-            result["per_class_map"] = dict(per)
-            result["per_class_map50"] = dict(per)
+    t0, log = time.perf_counter(), io.StringIO()
+    result = _score(dataset, detections, image_ids, per_class, log)
     if verbose:
         print(log.getvalue(), end="")
     t_eval = time.perf_counter() - t0
-    result.update({
-        "images": n_images,
-        "detections": int(len(detections)),
-        "model_ms_per_image": 1e3 * t_model / max(n_images, 1),
-        "nms_ms_per_image": 1e3 * t_nms / max(n_images, 1),
-        "cocoeval_s": t_eval,
-        "total_s": time.perf_counter() - t_start,
-    })
+    # times per image, so that batch sizes and engines compare (lesson 8)
+    result.update(images=n_images, detections=int(len(detections)),
+                  model_ms_per_image=1e3 * t_model / max(n_images, 1),
+                  nms_ms_per_image=1e3 * t_nms / max(n_images, 1),
+                  cocoeval_s=t_eval, total_s=time.perf_counter() - t_start)
     return result

@@ -1,16 +1,14 @@
 """Lessons 5-7 — training YOLOv7 with the YOLO loss: the embedded default checkpoint.
 
-:class:`YoloLoss` is the loss of the official YOLOv7 ``ComputeLoss`` (the YOLOv5-style
-assignment): every target is matched to the anchors whose width/height ratio to it is
-below ``anchor_t`` (4.0) at every level, and to its own grid cell plus the two nearest
-neighbouring cells; box loss ``1 - CIoU`` (torchvision's ``complete_box_iou_loss``),
-objectness BCE towards the detached IoU, class BCE; level weights (4.0, 1.0, 0.4) and gains
-``box 0.05, obj 0.7 * (img/640)^2, cls 0.3 * nc/80`` as in the official hyper-parameters.
-
 :func:`train` trains a model on a COCO-format dataset with AdamW, warm-up and a cosine
 schedule, keeps an exponential moving average (EMA) of the weights, evaluates the EMA on the
 validation split, and saves a checkpoint atomically after every epoch so an interrupted run
-resumes where it stopped (``resume=True``).
+resumes where it stopped (``resume=True``). The loss is :class:`qcourse.loss.YoloLoss`.
+
+The knobs that shape a run live in one frozen :class:`TrainConfig` (as nanoGPT keeps its
+in one place): a run is ``train(data_root, out_dir, TrainConfig(epochs=45, ...))``. The
+pieces a QAT loop (lesson 7) reuses are public: :func:`train_epoch`, :func:`lr_schedule`
+and :class:`ModelEMA`.
 
 The shipped default ``data/yolov7_tiny_shapes.pt`` was made with ``qcourse train`` — the
 exact command is in ``data/README.md``.
@@ -23,106 +21,86 @@ import math
 import numbers
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
-from torchvision.ops import box_convert, complete_box_iou_loss
 
-__all__ = ["YoloLoss", "ModelEMA", "train"]
+from qcourse.loss import YoloLoss
+from qcourse.utils import is_int
+
+__all__ = ["TrainConfig", "RESUME_SETTINGS", "ModelEMA", "lr_schedule", "train_epoch", "train"]
+
+_ARCHS = ("yolov7-tiny", "yolov7")
+
+#: The settings that shape the weights. ``last.pt`` records them, and a rerun into the same
+#: ``out_dir`` resumes only with the same ones: a run that silently switched to a new batch
+#: size or schedule half-way would match neither command. ``eval_every`` and ``max_minutes``
+#: are left out on purpose: they decide when to look and when to stop, not what is learned.
+RESUME_SETTINGS = ("data_root", "arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
+                   "warmup_epochs", "seed", "init")
 
 
-class YoloLoss:
-    """The official YOLOv7 training loss for a ``Detect``/``IDetect`` head (training outputs).
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
-    Args:
-        model: the :class:`qcourse.models.Model` (its head gives anchors, strides, nc).
-        img_size: training input size (scales the objectness gain like the official code).
-        box, obj, cls: loss gains (official hyp.scratch defaults). anchor_t: anchor ratio limit.
 
-    ``loss(preds, targets)`` with ``preds`` the head's training output (list of
-    ``(B, na, ny, nx, 5 + nc)``) and ``targets`` rows ``(image_index, class, cx, cy, w, h)``
-    normalised to [0, 1]. Returns ``(loss * batch_size, tensor([box, obj, cls, total]))``.
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run, checked when it is made (a bad one raises ``ValueError``).
+
+    The defaults are those of ``qcourse train``. Frozen, so a run's settings cannot drift
+    after they were checked; derive a variant with ``dataclasses.replace(config, epochs=45)``.
     """
 
-    def __init__(self, model: nn.Module, img_size: int, box: float = 0.05, obj: float = 0.7,
-                 cls: float = 0.3, anchor_t: float = 4.0):
-        det = model.model[-1]
-        self.na, self.nl, self.nc = det.na, det.nl, det.nc
-        self.anchors = det.anchors.detach().clone()  # (nl, na, 2) in grid units
-        self.balance = {3: [4.0, 1.0, 0.4]}.get(self.nl, [4.0, 1.0, 0.25, 0.06, 0.02])
-        self.box = box * 3 / self.nl
-        self.obj = obj * (img_size / 640) ** 2 * 3 / self.nl
-        self.cls = cls * self.nc / 80 * 3 / self.nl
-        self.anchor_t = anchor_t
-        self.bce = nn.BCEWithLogitsLoss()
+    arch: str = "yolov7-tiny"  # model architecture: "yolov7-tiny" or "yolov7"
+    img_size: int = 160  # square input size in pixels, a multiple of 32 (the largest stride)
+    epochs: int = 30  # epochs of the schedule (the cosine reaches its floor at the last one)
+    batch_size: int = 32  # images per optimizer step (the last incomplete batch is dropped)
+    lr: float = 2e-3  # peak AdamW learning rate, reached at the end of the warm-up
+    weight_decay: float = 5e-4  # AdamW weight decay (not applied to biases and norm parameters)
+    warmup_epochs: float = 1.0  # epochs (may be fractional) of linear warm-up from ~0 to lr
+    seed: int = 0  # seed of the initial weights, the shuffling and the augmentation
+    eval_every: int = 5  # evaluate the EMA on val every N epochs (and after the last/stopping one)
+    max_minutes: Optional[float] = None  # stop after the epoch that crosses this wall time; None: no limit
+    init: Optional[str] = None  # checkpoint whose weights start the run; None: random weights
 
-    def build_targets(self, preds, targets):
-        na, nt = self.na, targets.shape[0]
-        device = targets.device
-        out = []
-        gain = torch.ones(7, device=device)
-        ai = torch.arange(na, device=device).float().view(na, 1).repeat(1, nt)
-        t_all = torch.cat((targets.repeat(na, 1, 1), ai[:, :, None]), 2)  # (na, nt, 7)
-        g = 0.5
-        off = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device).float() * g
-        for i in range(self.nl):
-            anchors = self.anchors[i].to(device)
-            ny, nx = preds[i].shape[2:4]
-            gain[2:6] = torch.tensor([nx, ny, nx, ny], device=device, dtype=torch.float32)
-            t = t_all * gain
-            if nt:
-                r = t[:, :, 4:6] / anchors[:, None]
-                keep = torch.max(r, 1.0 / r).max(2)[0] < self.anchor_t
-                t = t[keep]
-                gxy = t[:, 2:4]
-                gxi = gain[[2, 3]] - gxy
-                j, k = ((gxy % 1.0 < g) & (gxy > 1.0)).T
-                l, m = ((gxi % 1.0 < g) & (gxi > 1.0)).T
-                sel = torch.stack((torch.ones_like(j), j, k, l, m))
-                t = t.repeat((5, 1, 1))[sel]
-                offsets = (torch.zeros_like(gxy)[None] + off[:, None])[sel]
-            else:
-                t = t_all[0]
-                offsets = torch.zeros((0, 2), device=device)
-            b, c = t[:, :2].long().T
-            gxy, gwh = t[:, 2:4], t[:, 4:6]
-            gij = (gxy - offsets).long()
-            gi = gij[:, 0].clamp(0, nx - 1)
-            gj = gij[:, 1].clamp(0, ny - 1)
-            a = t[:, 6].long()
-            tbox = torch.cat((gxy - torch.stack((gi, gj), 1), gwh), 1)
-            out.append((b, a, gj, gi, tbox, anchors[a], c))
-        return out
+    def __post_init__(self):
+        self.validate()
 
-    def __call__(self, preds, targets):
-        device = preds[0].device
-        lbox = torch.zeros((), device=device)
-        lobj = torch.zeros((), device=device)
-        lcls = torch.zeros((), device=device)
-        for i, (pi, (b, a, gj, gi, tbox, anch, tcls)) in enumerate(zip(preds, self.build_targets(preds, targets))):
-            tobj = torch.zeros_like(pi[..., 0])
-            n = b.shape[0]
-            if n:
-                ps = pi[b, a, gj, gi]
-                pxy = ps[:, :2].sigmoid() * 2.0 - 0.5
-                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anch
-                pbox = box_convert(torch.cat((pxy, pwh), 1), "cxcywh", "xyxy")
-                tb = box_convert(tbox, "cxcywh", "xyxy")
-                ciou_loss = complete_box_iou_loss(pbox, tb, reduction="none")
-                lbox = lbox + ciou_loss.mean()
-                iou = (1.0 - ciou_loss).detach().clamp(0)
-                tobj[b, a, gj, gi] = iou.to(tobj.dtype)
-                if self.nc > 1:
-                    tc = torch.zeros_like(ps[:, 5:])
-                    tc[torch.arange(n, device=device), tcls] = 1.0
-                    lcls = lcls + self.bce(ps[:, 5:], tc)
-            lobj = lobj + self.bce(pi[..., 4], tobj) * self.balance[i]
-        lbox, lobj, lcls = lbox * self.box, lobj * self.obj, lcls * self.cls
-        bs = preds[0].shape[0]
-        total = lbox + lobj + lcls
-        return total * bs, torch.stack((lbox, lobj, lcls, total)).detach()
+    def validate(self) -> None:
+        """Refuse bad settings before any work, naming the field (the notebooks build configs directly)."""
+        checks = [  # (name, is it valid, what it must be)
+            ("arch", self.arch in _ARCHS, "'yolov7-tiny' or 'yolov7'"),
+            ("img_size", is_int(self.img_size) and self.img_size > 0 and self.img_size % 32 == 0,
+             "a positive multiple of 32 (the model's largest stride), e.g. 160 or 640"),
+            ("epochs", is_int(self.epochs) and self.epochs >= 1, "an int >= 1"),
+            ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
+            ("eval_every", is_int(self.eval_every) and self.eval_every >= 1,
+             "an int >= 1 (evaluate every N epochs)"),
+            ("seed", is_int(self.seed) and self.seed >= 0, "an int >= 0"),
+            ("lr", _is_number(self.lr) and self.lr > 0, "a finite number > 0, e.g. 2e-3"),
+            ("weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("warmup_epochs", _is_number(self.warmup_epochs) and self.warmup_epochs >= 0, "a finite number >= 0"),
+            ("max_minutes", self.max_minutes is None or (_is_number(self.max_minutes) and self.max_minutes > 0),
+             "None or a number > 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+    def settings(self, data_root) -> Dict:
+        """The run's :data:`RESUME_SETTINGS` as plain data, as recorded in ``last.pt``.
+
+        Plain types only, so ``last.pt`` loads with ``weights_only=True``; paths are resolved
+        so that the same run started from another folder still counts as the same run.
+        """
+        return {"data_root": str(Path(data_root).resolve()), "arch": self.arch, "img_size": int(self.img_size),
+                "epochs": int(self.epochs), "batch_size": int(self.batch_size), "lr": float(self.lr),
+                "weight_decay": float(self.weight_decay), "warmup_epochs": float(self.warmup_epochs),
+                "seed": int(self.seed), "init": None if self.init is None else str(Path(self.init).resolve())}
 
 
 class ModelEMA:
@@ -147,58 +125,15 @@ class ModelEMA:
 
 
 def _atomic_save(obj, path: Path):
+    # write aside, then rename: a run killed mid-save keeps the previous last.pt intact
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-_ARCHS = ("yolov7-tiny", "yolov7")
-
-#: The settings that shape the weights. ``last.pt`` records them, and a rerun into the same
-#: ``out_dir`` resumes only with the same ones: a run that silently switched to a new batch
-#: size or schedule half-way would match neither command. ``eval_every`` and ``max_minutes``
-#: are left out on purpose: they decide when to look and when to stop, not what is learned.
-RESUME_SETTINGS = ("data_root", "arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
-                   "warmup_epochs", "seed", "init")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_args(*, arch, img_size, epochs, batch_size, lr, weight_decay, warmup_epochs, seed, eval_every,
-                max_minutes, resume):
-    """Refuse bad settings before any work, naming the argument (the notebook calls train() directly)."""
-    checks = [  # (name, value, is it valid, what it must be)
-        ("arch", arch, arch in _ARCHS, "'yolov7-tiny' or 'yolov7'"),
-        ("img_size", img_size, _is_int(img_size) and img_size > 0 and img_size % 32 == 0,
-         "a positive multiple of 32 (the model's largest stride), e.g. 160 or 640"),
-        ("epochs", epochs, _is_int(epochs) and epochs >= 1, "an int >= 1"),
-        ("batch_size", batch_size, _is_int(batch_size) and batch_size >= 1, "an int >= 1"),
-        ("eval_every", eval_every, _is_int(eval_every) and eval_every >= 1, "an int >= 1 (evaluate every N epochs)"),
-        ("seed", seed, _is_int(seed) and seed >= 0, "an int >= 0"),
-        ("lr", lr, _is_number(lr) and lr > 0, "a finite number > 0, e.g. 2e-3"),
-        ("weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "a finite number >= 0"),
-        ("warmup_epochs", warmup_epochs, _is_number(warmup_epochs) and warmup_epochs >= 0, "a finite number >= 0"),
-        ("max_minutes", max_minutes, max_minutes is None or (_is_number(max_minutes) and max_minutes > 0),
-         "None or a number > 0"),
-        ("resume", resume, resume is True or resume is False or resume == "force", "True, False or 'force'"),
-    ]
-    for name, value, ok, what in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-def _settings(data_root, arch, img_size, epochs, batch_size, lr, weight_decay, warmup_epochs, seed, init) -> Dict:
-    """The run's :data:`RESUME_SETTINGS` as plain data (``last.pt`` loads with ``weights_only=True``)."""
-    return {"data_root": str(Path(data_root).resolve()), "arch": arch, "img_size": int(img_size),
-            "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
-            "warmup_epochs": float(warmup_epochs), "seed": int(seed),
-            "init": None if init is None else str(Path(init).resolve())}
+def _check_resume(resume) -> None:
+    if not (resume is True or resume is False or resume == "force"):
+        raise ValueError(f"resume must be True, False or 'force', got {resume!r}")
 
 
 def _resume_state(last: Path, settings: Dict, resume, log) -> Optional[Dict]:
@@ -268,8 +203,11 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.937, 0.999))
 
 
-def _lr_schedule(lr: float, warmup_epochs: float, epochs: int, n_batches: int):
-    """Learning rate at each step: linear warm-up, then a cosine down to 2 % of ``lr``."""
+def lr_schedule(lr: float, warmup_epochs: float, epochs: int, n_batches: int) -> Callable[[int], float]:
+    """Learning rate at each step: linear warm-up, then a cosine down to 2 % of ``lr``.
+
+    Returns ``lr_at(step)`` with ``step = epoch * n_batches + batch``, as :func:`train_epoch` uses it.
+    """
     total_steps = epochs * n_batches
     warmup_steps = max(1, int(warmup_epochs * n_batches))
 
@@ -282,10 +220,26 @@ def _lr_schedule(lr: float, warmup_epochs: float, epochs: int, n_batches: int):
     return lr_at
 
 
-def _train_epoch(model, loss_fn, opt, ema, loader, lr_at, epoch: int, epochs: int, progress: bool, log) -> Dict:
-    """One pass over ``loader``; returns the epoch's log row (time and mean losses)."""
+def train_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, ema: Optional[ModelEMA], loader,
+                lr_at: Callable[[int], float], epoch: int, epochs: int, progress: bool = False, log=print) -> Dict:
+    """One pass over ``loader`` (one optimizer step per batch); returns the epoch's log row.
+
+    The loop both :func:`train` and a QAT loop (lesson 7) run: the latter calls it with a
+    model holding fake-quantizers and its own loss (e.g. YOLO loss plus distillation), since
+    nothing here depends on the model or the loss beyond ``loss_fn(model(imgs), targets) ->
+    (loss, items)`` with ``items`` four numbers (box, obj, cls, total) for the log.
+
+    Args:
+        lr_at: learning rate of a global step (see :func:`lr_schedule`); set on every group.
+        ema: updated after every step (``None``: no EMA).
+        epoch, epochs: the 0-based epoch (seeds the shuffle and augmentation) and the total (for the bar).
+
+    A batch with a non-finite loss is logged and skipped rather than stepped: one NaN step
+    would poison the weights and the EMA for the rest of the run.
+    """
     model.train()
-    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.sampler, "set_epoch"):  # a different, reproducible shuffle each epoch
+        loader.sampler.set_epoch(epoch)
     n_batches = len(loader)
     t0 = time.perf_counter()
     sums = torch.zeros(4)
@@ -294,19 +248,19 @@ def _train_epoch(model, loss_fn, opt, ema, loader, lr_at, epoch: int, epochs: in
         from tqdm.auto import tqdm
 
         it = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None, leave=False)
-    for bi, (imgs, targets, *_ ) in enumerate(it):
-        for gr in opt.param_groups:
+    for bi, (imgs, targets, *_) in enumerate(it):
+        for gr in optimizer.param_groups:
             gr["lr"] = lr_at(epoch * n_batches + bi)
-        preds = model(imgs)
-        loss, items = loss_fn(preds, targets)
+        loss, items = loss_fn(model(imgs), targets)
         if not torch.isfinite(loss):
             log(f"epoch {epoch + 1} batch {bi}: non-finite loss {items.tolist()}, batch skipped")
             continue
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        ema.update(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # the official recipe's guard against spikes
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
         sums += items
     return {"epoch": epoch + 1, "seconds": round(time.perf_counter() - t0, 1),
             **{k: round(float(v) / n_batches, 5) for k, v in zip(("box", "obj", "cls", "loss"), sums)}}
@@ -327,63 +281,87 @@ def _log_row(row: Dict, path: Path, log):
         f.write(json.dumps(row) + "\n")
 
 
-def train(data_root, out_dir, *, arch: str = "yolov7-tiny", img_size: int = 160, epochs: int = 30,
-          batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 5e-4, warmup_epochs: float = 1.0,
-          seed: int = 0, resume: Union[bool, str] = True, eval_every: int = 5, max_minutes: Optional[float] = None,
-          init: Optional[str] = None, progress: bool = True, log=print) -> Dict:
-    """Train ``arch`` on the COCO-format dataset at ``data_root``; returns the final metrics.
+def _setup(data_root, out_dir: Path, config: TrainConfig, log):
+    """Data, model, loss, optimizer, EMA and schedule of a run.
 
-    Writes ``out_dir/last.pt`` (full state and the run's settings, for resuming) after every
-    epoch, ``out_dir/best.pt`` (qcourse checkpoint of the EMA weights with the best val mAP)
-    and ``out_dir/log.jsonl``. ``max_minutes`` stops cleanly after the epoch that crosses it.
-    ``init``: a checkpoint whose weights start the run (to continue training a shipped model
-    with a new schedule).
+    Kept in this order after seeding: the initial weights are drawn from the seeded random
+    stream, so reordering these steps could change the run that a seed stands for.
+    """
+    torch.manual_seed(config.seed)
+    train_ds, train_loader, val_loader = _loaders(data_root, config.img_size, config.batch_size, config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _build_model(config.arch, train_ds, config.init, log)
+    loss_fn = YoloLoss(model, config.img_size)
+    opt = _optimizer(model, config.lr, config.weight_decay)
+    ema = ModelEMA(model)
+    lr_at = lr_schedule(config.lr, config.warmup_epochs, config.epochs, len(train_loader))
+    return model, loss_fn, opt, ema, train_loader, val_loader, lr_at
 
-    ``resume``: ``True`` continues the run in ``out_dir`` when it was made with the same
-    :data:`RESUME_SETTINGS` and raises ``ValueError`` (naming what differs) when not;
-    ``"force"`` continues it with the new settings; ``False`` starts afresh. Bad values
-    (``epochs=0``, a batch larger than the training set, ...) raise ``ValueError``.
+
+def _evaluate_and_keep_best(ema: ModelEMA, val_loader, row: Dict, best_map: float, epoch: int, out_dir: Path,
+                            config: TrainConfig, data_root) -> tuple:
+    """Score the EMA weights (what ships), add the mAP to ``row``; save ``best.pt`` on a new best.
+
+    Returns ``(metrics, best mAP so far)``.
     """
     from qcourse import models
     from qcourse.evaluate import evaluate
 
-    _check_args(arch=arch, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, eval_every=eval_every,
-                max_minutes=max_minutes, resume=resume)
-    out_dir, last = Path(out_dir), Path(out_dir) / "last.pt"
-    settings = _settings(data_root, arch, img_size, epochs, batch_size, lr, weight_decay, warmup_epochs, seed, init)
-    state = _resume_state(last, settings, resume, log)  # before the slow part: a refusal comes at once
-    torch.manual_seed(seed)
-    train_ds, train_loader, val_loader = _loaders(data_root, img_size, batch_size, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = _build_model(arch, train_ds, init, log)
-    loss_fn = YoloLoss(model, img_size)
-    opt = _optimizer(model, lr, weight_decay)
-    ema = ModelEMA(model)
-    lr_at = _lr_schedule(lr, warmup_epochs, epochs, len(train_loader))
+    metrics = evaluate(ema.ema, val_loader, progress=False)
+    row.update(map=round(metrics["map"], 4), map50=round(metrics["map50"], 4))
+    if metrics["map"] > best_map:
+        best_map = metrics["map"]
+        models.save_checkpoint(ema.ema, out_dir / "best.pt", half=True, img_size=config.img_size, epoch=epoch + 1,
+                               map=metrics["map"], map50=metrics["map50"], dataset=Path(data_root).name)
+    return metrics, best_map
 
+
+def _save_last(last: Path, model, ema: ModelEMA, opt, epoch: int, best_map: float, settings: Dict):
+    """Everything needed to continue after ``epoch``, plus the settings that decide whether a rerun may."""
+    _atomic_save({"model": model.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
+                  "optimizer": opt.state_dict(), "epoch": epoch, "best_map": best_map,
+                  "settings": settings}, last)
+
+
+def train(data_root, out_dir, config: TrainConfig = TrainConfig(), *, resume: Union[bool, str] = True,
+          progress: bool = True, log=print) -> Dict:
+    """Train ``config.arch`` on the COCO-format dataset at ``data_root``; returns the final metrics.
+
+    Writes ``out_dir/last.pt`` (full state and the run's :meth:`TrainConfig.settings`, for
+    resuming) after every epoch, ``out_dir/best.pt`` (qcourse checkpoint of the EMA weights
+    with the best val mAP) and ``out_dir/log.jsonl``. ``config.max_minutes`` stops cleanly
+    after the epoch that crosses it.
+
+    The keyword arguments are runtime switches that never change the weights: ``resume``
+    (``True`` continues the run in ``out_dir`` when it was made with the same
+    :data:`RESUME_SETTINGS` and raises ``ValueError`` naming what differs when not;
+    ``"force"`` continues it with the new settings; ``False`` starts afresh), ``progress``
+    (a tqdm bar per epoch) and ``log`` (where the progress lines go). A batch larger than
+    the training set raises ``ValueError``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a qcourse.train.TrainConfig, got {type(config).__name__}")
+    _check_resume(resume)
+    out_dir, last = Path(out_dir), Path(out_dir) / "last.pt"
+    settings = config.settings(data_root)
+    state = _resume_state(last, settings, resume, log)  # before the slow part: a refusal comes at once
+    model, loss_fn, opt, ema, train_loader, val_loader, lr_at = _setup(data_root, out_dir, config, log)
     start_epoch, best_map, history, metrics = 0, -1.0, [], {}
     if state is not None:
         start_epoch, best_map = _restore(state, model, ema, opt)
         log(f"resumed from {last} at epoch {start_epoch}")
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        row = _train_epoch(model, loss_fn, opt, ema, train_loader, lr_at, epoch, epochs, progress, log)
-        final = epoch + 1 == epochs
-        out_of_time = max_minutes is not None and (time.perf_counter() - t_start) / 60 > max_minutes
-        if (epoch + 1) % eval_every == 0 or final or out_of_time:
-            metrics = evaluate(ema.ema, val_loader, progress=False)
-            row.update(map=round(metrics["map"], 4), map50=round(metrics["map50"], 4))
-            if metrics["map"] > best_map:
-                best_map = metrics["map"]
-                models.save_checkpoint(ema.ema, out_dir / "best.pt", half=True, img_size=img_size, epoch=epoch + 1,
-                                       map=metrics["map"], map50=metrics["map50"], dataset=Path(data_root).name)
+    for epoch in range(start_epoch, config.epochs):
+        row = train_epoch(model, loss_fn, opt, ema, train_loader, lr_at, epoch, config.epochs, progress, log)
+        final = epoch + 1 == config.epochs
+        out_of_time = config.max_minutes is not None and (time.perf_counter() - t_start) / 60 > config.max_minutes
+        if (epoch + 1) % config.eval_every == 0 or final or out_of_time:  # out of time: score what we keep
+            metrics, best_map = _evaluate_and_keep_best(ema, val_loader, row, best_map, epoch, out_dir, config,
+                                                        data_root)
         history.append(row)
         _log_row(row, out_dir / "log.jsonl", log)
-        _atomic_save({"model": model.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
-                      "optimizer": opt.state_dict(), "epoch": epoch, "best_map": best_map,
-                      "settings": settings}, last)
+        _save_last(last, model, ema, opt, epoch, best_map, settings)
         if out_of_time and not final:
-            log(f"stopping after epoch {epoch + 1}: time limit of {max_minutes} min reached")
+            log(f"stopping after epoch {epoch + 1}: time limit of {config.max_minutes} min reached")
             break
     return {"best_map": best_map, "history": history, **metrics}

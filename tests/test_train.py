@@ -1,9 +1,11 @@
-"""Tests of qcourse.train.train's guard rails and resuming, directly and through ``qcourse train``.
+"""Tests of qcourse.train: TrainConfig, train()'s guard rails and resuming, directly and through ``qcourse train``.
 
 A tiny synthetic dataset (4 training images of 64 px) keeps a real one-epoch run near a
 second. Oracles: the files in the run folder, the settings recorded in ``last.pt``, and the
 one-line errors of the command.
 """
+import dataclasses
+import inspect
 import json
 
 import pytest
@@ -11,9 +13,17 @@ import torch
 
 from qcourse import cli
 from qcourse.datasets import make_synthetic_coco
-from qcourse.train import RESUME_SETTINGS, train
+from qcourse.train import RESUME_SETTINGS, TrainConfig, train
 
 TINY = dict(img_size=64, epochs=1, batch_size=2, eval_every=1, progress=False)
+_RUNTIME = ("resume", "progress", "log")  # train()'s keyword switches; the rest goes into TrainConfig
+
+
+def run(data, out, **kw):
+    """``train`` with flat keyword arguments: config fields go into a TrainConfig (built here, so a
+    bad value raises inside the caller's ``pytest.raises``), the runtime switches stay keywords."""
+    runtime = {k: kw.pop(k) for k in _RUNTIME if k in kw}
+    return train(data, out, TrainConfig(**kw), **runtime)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +37,7 @@ def data(tmp_path_factory):
 def finished_run(data, tmp_path_factory):
     """A completed one-epoch run: its folder and last.pt as bytes (to check nothing touched it)."""
     out = tmp_path_factory.mktemp("run")
-    train(data, out, **TINY, log=lambda *a: None)
+    run(data, out, **TINY, log=lambda *a: None)
     return out, (out / "last.pt").read_bytes()
 
 
@@ -44,13 +54,13 @@ def _quiet(**kw):
 ])
 def test_bad_values_raise_naming_the_argument(data, tmp_path, kw, name):
     with pytest.raises(ValueError, match=rf"^{name} must be .*got {kw[name]!r}"):
-        train(data, tmp_path / "out", **_quiet(**kw))
+        run(data, tmp_path / "out", **_quiet(**kw))
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_batch_larger_than_the_training_set_names_both_numbers(data, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=5 is larger than the training set \(4 images"):
-        train(data, tmp_path / "out", **_quiet(batch_size=5))
+        run(data, tmp_path / "out", **_quiet(batch_size=5))
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
@@ -72,7 +82,7 @@ def test_last_pt_records_the_settings(finished_run, data):
 def test_rerun_with_other_settings_is_refused(finished_run, data, kw, change):
     out, before = finished_run
     with pytest.raises(ValueError, match="other settings") as info:
-        train(data, out, **_quiet(**kw))
+        run(data, out, **_quiet(**kw))
     assert change in str(info.value) and "--out" in str(info.value) and "--resume" in str(info.value)
     assert (out / "last.pt").read_bytes() == before
 
@@ -80,16 +90,16 @@ def test_rerun_with_other_settings_is_refused(finished_run, data, kw, change):
 def test_rerun_with_the_same_settings_resumes(finished_run, data):
     out, before = finished_run
     said = []
-    res = train(data, out, **{**TINY, "eval_every": 3}, log=said.append)  # eval_every may change
+    res = run(data, out, **{**TINY, "eval_every": 3}, log=said.append)  # eval_every may change
     assert res["history"] == [] and any("resumed" in s for s in said)
     assert (out / "last.pt").read_bytes() == before
 
 
 def test_forced_resume_continues_with_the_new_settings(data, tmp_path):
     out = tmp_path / "run"
-    train(data, out, **_quiet())
+    run(data, out, **_quiet())
     said = []
-    res = train(data, out, **{**TINY, "epochs": 2}, resume="force", log=said.append)
+    res = run(data, out, **{**TINY, "epochs": 2}, resume="force", log=said.append)
     assert [row["epoch"] for row in res["history"]] == [2]
     assert any("epochs was 1, now 2" in s for s in said)
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -100,7 +110,7 @@ def test_forced_resume_continues_with_the_new_settings(data, tmp_path):
 
 def test_forced_resume_with_nothing_to_resume(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        train(data, tmp_path / "empty", **_quiet(), resume="force")
+        run(data, tmp_path / "empty", **_quiet(), resume="force")
 
 
 # ------------------------------------------------------------------ through the command
@@ -140,3 +150,65 @@ def test_command_batch_larger_than_the_data_is_one_line(data, tmp_path, capsys):
     code, stdout, err = _cli(_cmd(data, tmp_path / "run", "--batch-size", "5"), capsys)
     assert code == 2 and len(err) == 1
     assert "batch_size=5" in err[0] and "4 images" in err[0] and "at most 4" in err[0]
+
+
+# ------------------------------------------------------------------ TrainConfig
+def test_config_defaults_are_the_commands_defaults():
+    args = cli._build_parser().parse_args(["train"])
+    cfg = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(args, f.name):
+            assert getattr(cfg, f.name) == getattr(args, f.name), f.name
+    # the two knobs without a flag keep the recipe of the shipped checkpoint
+    assert (cfg.weight_decay, cfg.warmup_epochs) == (5e-4, 1.0)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    assert dataclasses.replace(cfg, epochs=45).epochs == 45
+    with pytest.raises(ValueError, match=r"^weight_decay must be .*got -1"):
+        dataclasses.replace(cfg, weight_decay=-1)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(warmup_epochs=float("inf")), "warmup_epochs"), (dict(seed=-1), "seed"), (dict(seed=True), "seed"),
+    (dict(batch_size=2.0), "batch_size"), (dict(max_minutes=float("nan")), "max_minutes"),
+])
+def test_config_validate_names_the_bad_field(kw, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*got "):
+        TrainConfig(**kw)
+
+
+def test_config_settings_round_trip(tmp_path):
+    init = tmp_path / "w.pt"
+    cfg = TrainConfig(epochs=45, batch_size=16, lr=2e-3, eval_every=5, max_minutes=80, init=str(init))
+    s = cfg.settings(tmp_path / "data")
+    assert tuple(s) == RESUME_SETTINGS  # exactly what decides a resume, in order
+    assert s["data_root"] == str((tmp_path / "data").resolve()) and s["init"] == str(init.resolve())
+    torch.save({"settings": s}, tmp_path / "s.pt")  # last.pt loads with weights_only=True: plain data only
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["settings"] == s
+    again = TrainConfig(**{k: v for k, v in s.items() if k != "data_root"})
+    assert again.settings(tmp_path / "data") == s
+    # eval_every and max_minutes decide when to look and stop, not what is learned: not recorded
+    assert dataclasses.replace(cfg, eval_every=1, max_minutes=None).settings(tmp_path / "data") == s
+
+
+def test_train_rejects_a_non_config(data, tmp_path):
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train(data, tmp_path / "out", dict(epochs=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_epoch_is_public_and_documented():
+    from qcourse import train as train_mod
+    from qcourse.loss import YoloLoss
+    from qcourse.train import ModelEMA, lr_schedule, train_epoch
+
+    assert {"train_epoch", "lr_schedule", "ModelEMA", "TrainConfig"} <= set(train_mod.__all__)
+    doc = inspect.getdoc(train_epoch)
+    assert doc and "QAT" in doc and "loss" in doc
+    assert list(inspect.signature(train_epoch).parameters)[:6] == [
+        "model", "loss_fn", "optimizer", "ema", "loader", "lr_at"]
+    assert train_mod.YoloLoss is YoloLoss and inspect.getdoc(lr_schedule) and inspect.getdoc(ModelEMA)
