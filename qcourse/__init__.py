@@ -6,22 +6,21 @@ teaches, under the same names, so the lessons read like the real tool::
     from qcourse import tensor_quant, calib, quant_modules
     from qcourse import nn as quant_nn
 
-Lesson map (each lesson's subject lives in one module):
+The package is four layers, each importing only from those below (ARCHITECTURE.md):
 
-1. quantization math ........ ``qcourse.tensor_quant`` (affine vs symmetric), ``qcourse.plots``
-2. tensor_quant ............. ``qcourse.tensor_quant``
-3. TensorQuantizer .......... ``qcourse.nn``, ``qcourse.quant_modules``, ``qcourse.export``
-4. calibrators .............. ``qcourse.calib``, ``qcourse.workflow``
-5-8. YOLOv7 PTQ/QAT/engines . ``qcourse.models``, ``qcourse.datasets``, ``qcourse.evaluate``
+1. the toolkit (lessons 1-4) ... ``utils``, ``tensor_quant``, ``calib``, ``nn``,
+   ``quant_modules``, ``export``, ``workflow``
+2. techniques (lessons 5-8) .... model-agnostic PTQ, sensitivity, QAT and engines
+3. the application ............. ``qcourse.yolo``: YOLOv7 models, COCO data, mAP, training
+4. course glue ................. ``qcourse.course``: the ``qcourse`` command, the course run,
+   the digits model, plots, the netron viewer
 """
 import importlib
 
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "tensor_quant", "nn", "calib", "quant_modules", "export", "workflow", "plots",
-    "models", "datasets", "evaluate", "postprocess", "engine", "cli", "digits", "course", "train",
-    "viewer",
+    "utils", "tensor_quant", "nn", "calib", "quant_modules", "export", "workflow", "yolo", "course",
 }
 
 

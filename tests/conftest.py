@@ -1,6 +1,13 @@
-"""Shared test setup."""
+"""Shared test setup. The tests mirror the package: tests/ for the toolkit, tests/yolo/ for
+the application, tests/course/ for the course glue."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# the shared oracles (tests/oracles.py) import the same way from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,372 @@
+"""The ``qcourse`` command.
+
+    qcourse course [--out runs/course]     the whole course on the embedded default
+    qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
+    qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
+    qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
+    qcourse info                           versions, and whether TensorRT/CUDA are usable
+
+A mistake the user can fix (a bad value, a missing file, a run folder made with other
+settings) prints one line ``qcourse: error: ...`` that names the value and the fix, and exits
+with status 2; Ctrl-C prints one line and exits with 130; a failing lesson notebook prints one
+line and exits with 1. ``qcourse --debug ...`` (or ``QCOURSE_DEBUG=1``) shows the traceback
+instead. Anything else is a bug in qcourse and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import linecache
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from qcourse import __version__
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1         # a lesson notebook failed
+EXIT_USAGE = 2          # a user error, as argparse reports a bad option
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, what shells report for it
+
+
+# ------------------------------------------------------------------ the commands
+def _cmd_info(args) -> int:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    print(f"qcourse {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
+          f"numpy {numpy.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}")
+    print(f"CUDA available: {torch.cuda.is_available()}")
+    try:
+        import tensorrt  # noqa: F401
+
+        print(f"TensorRT {tensorrt.__version__}")
+    except Exception as e:  # ImportError or a broken placeholder package
+        print(f"TensorRT: not usable here ({type(e).__name__}); ONNX Runtime on CPU is the engine")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from qcourse.course.run import run_demo
+
+    run_demo(Path(args.out), seed=args.seed)
+    return 0
+
+
+def _cmd_course(args) -> int:
+    from qcourse.course.run import find_notebooks, run_demo, run_notebooks
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    notebooks = find_notebooks(args.notebooks)
+    if args.notebooks and not notebooks:  # asked for by name: a wrong folder, not "the demo only"
+        raise FileNotFoundError(f"no lesson notebooks (NN_*.ipynb) in {args.notebooks}; pass the course's "
+                                "notebooks/ folder to --notebooks")
+    try:
+        print("== core demo: quantize, calibrate, export and check a digits CNN ==")
+        run_demo(out / "demo", seed=args.seed)
+        if not notebooks:
+            print("\nno lesson notebooks found in ./notebooks: run this from the course's repository root "
+                  "(or pass --notebooks DIR). Only the core demo ran.")
+            return 0
+        print(f"\n== lessons: executing {len(notebooks)} notebooks ==")
+        rows = run_notebooks(notebooks, out / "notebooks", timeout=args.timeout)
+    except KeyboardInterrupt as e:  # run_notebooks says which notebook ran and which finished
+        where = str(e) or "interrupted during the core demo"
+        raise KeyboardInterrupt(f"{where}; rerun `qcourse course` to run again") from None
+    print("\nlesson notebook                         time")
+    for r in rows:
+        print(f"  {r['notebook']:36s} {r['seconds']:5.0f} s")
+    print(f"course finished in {time.perf_counter() - t0:.0f} s; executed notebooks are in {out / 'notebooks'}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from qcourse.yolo.datasets import ensure_default_dataset
+    from qcourse.yolo.train import TrainConfig, train
+
+    root = args.data or ensure_default_dataset()
+    # weight_decay and warmup_epochs have no flag: the TrainConfig defaults are the recipe
+    config = TrainConfig(arch=args.arch, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                         init=args.init)
+    res = train(root, args.out, config, resume="force" if args.resume else True)
+    if not res["history"]:
+        print(f"nothing to train: {args.out} already holds all {args.epochs} epochs of this run")
+    print(f"best val mAP@0.5:0.95 = {res['best_map']:.4f}; checkpoint: {Path(args.out) / 'best.pt'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from qcourse.yolo import default_checkpoint, models
+    from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
+    from qcourse.yolo.evaluate import evaluate
+
+    weights = args.weights or default_checkpoint()
+    model = models.load_checkpoint(weights)
+    img_size = args.img_size or int(model.meta.get("img_size", 640))
+    root = args.coco or ensure_default_dataset()
+    split = args.split or ("val2017" if args.coco else "val")
+    loader = create_dataloader(root, split, img_size=img_size, batch_size=args.batch_size)
+    res = evaluate(model, loader, device=args.device, max_batches=args.max_batches)
+    print(f"{weights.name} on {root} [{split}] at {img_size} px: mAP@0.5:0.95 = {res['map']:.4f}, "
+          f"mAP@0.5 = {res['map50']:.4f} ({res['images']} images, {res['total_s']:.1f} s)")
+    return 0
+
+
+# ------------------------------------------------------------------ option types
+# argparse calls these on the text of an option; an ArgumentTypeError becomes the one-line
+# "qcourse: error: argument --epochs: ..." before anything slow has started.
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass one >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; pass a whole number >= {low}")
+        return value
+
+    return parse
+
+
+def _img_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass a multiple of 32 such as 160") from None
+    if value <= 0 or value % 32:  # the model downsamples 5 times by 2: other sizes do not tile its grids
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 32 (the model's largest "
+                                         f"stride); pass e.g. {max(32, round(value / 32) * 32)}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass one > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0; pass one above 0")
+    return value
+
+
+def _existing(kind: str, what: str):
+    """An argparse type: the path of an existing ``kind`` ("file" or "folder"); ``what`` says which."""
+    def parse(text: str) -> Path:
+        path = Path(text).expanduser()
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            found = "not a " + kind if path.exists() else "does not exist"
+            raise argparse.ArgumentTypeError(f"{text} {found}; pass {what}")
+        return path
+
+    return parse
+
+
+def _device(text: str):
+    """An argparse type: a torch device that exists here (checked before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is usable here (this torch {torch.__version__} "
+                                             "sees none); pass --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to "
+                                             f"cuda:{count - 1}; pass one of them")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: qcourse runs on cpu or cuda only; pass cpu, cuda or cuda:N")
+    return device
+
+
+# ------------------------------------------------------------------ the parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the usage block would hide it) and the help to read."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"qcourse: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_course(sub):
+    p = sub.add_parser("course", help="run the whole course: the core demo, then every lesson notebook",
+                       description="Run the core demo, then execute every lesson notebook in order. An "
+                                   "executed notebook is saved under its own name only when all its cells ran.")
+    p.add_argument("--out", default="runs/course", help="folder for the demo's files and the executed "
+                   "notebooks (default: %(default)s)")
+    p.add_argument("--notebooks", type=_existing("folder", "the course's notebooks/ folder"), default=None,
+                   help="folder of the lesson notebooks NN_*.ipynb (default: ./notebooks; if that is "
+                        "missing, only the core demo runs)")
+    p.add_argument("--timeout", type=_int_at_least(1), default=600,
+                   help="seconds one notebook cell may run before the notebook counts as failed "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="random seed of the demo's training and calibration (default: %(default)s)")
+    p.set_defaults(fn=_cmd_course)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the core demo only: a digits CNN quantized, calibrated, exported, checked")
+    p.add_argument("--out", default="runs/demo", help="folder for digits_int8.onnx (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="random seed of the training and calibration (default: %(default)s)")
+    p.set_defaults(fn=_cmd_demo)
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train", help="train YOLOv7(-tiny) on a COCO-format dataset (default: the synthetic one)",
+        description="Train YOLOv7(-tiny). The run folder --out keeps last.pt after every epoch: rerunning the "
+                    "same command resumes an interrupted run; a rerun with other settings is refused unless "
+                    "--resume is given.")
+    p.add_argument("--data", type=_existing("folder", "a COCO-format dataset root"), default=None,
+                   help="dataset root with train and val splits (default: the synthetic shapes dataset, "
+                        "generated on first use)")
+    p.add_argument("--out", default="runs/train",
+                   help="run folder for last.pt, best.pt and log.jsonl (default: %(default)s)")
+    p.add_argument("--arch", default="yolov7-tiny", choices=["yolov7-tiny", "yolov7"],
+                   help="model architecture (default: %(default)s)")
+    p.add_argument("--img-size", type=_img_size, default=160,
+                   help="input size in pixels, a multiple of 32 (default: %(default)s)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=30,
+                   help="epochs of the schedule (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="images per step, at most the number of training images (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=2e-3,
+                   help="peak AdamW learning rate, reached after one warm-up epoch (default: %(default)s)")
+    p.add_argument("--eval-every", type=_int_at_least(1), default=5,
+                   help="evaluate on the val split every N epochs and after the last one; best.pt keeps "
+                        "the best (default: %(default)s)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop cleanly after the epoch that crosses this many minutes; rerun to continue "
+                        "(default: no limit)")
+    p.add_argument("--init", type=_existing("file", "a checkpoint file (.pt)"), default=None,
+                   help="start from this checkpoint's weights (default: random weights)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="random seed of the weights, shuffling and augmentation (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out even if it was made with other settings (dataset, arch, "
+                        "img size, epochs, batch size, lr, seed, init), which then apply from its next epoch. "
+                        "Without it, a rerun with the same settings resumes and one with other settings is "
+                        "refused. --eval-every and --max-minutes may change either way")
+    p.set_defaults(fn=_cmd_train)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint (default: the shipped model on the synthetic val split)")
+    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
+                   help="yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
+                        "data/yolov7_tiny_shapes.pt)")
+    p.add_argument("--coco", type=_existing("folder", "a COCO root with val2017/ and annotations/"), default=None,
+                   help="COCO root with val2017/ and annotations/ (default: the synthetic shapes dataset)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: val2017 with --coco, else val)")
+    p.add_argument("--img-size", type=_img_size, default=None,
+                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--max-batches", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N batches, for a quick look (default: all)")
+    p.set_defaults(fn=_cmd_eval)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="qcourse", description="INT8 quantization for TensorRT, the course.",
+                 epilog="`qcourse COMMAND --help` explains a command's options. An error prints one line; "
+                        "--debug (or QCOURSE_DEBUG=1) shows its traceback.")
+    ap.add_argument("--version", action="version", version=f"qcourse {__version__}")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the full traceback of an error instead of one line (also: QCOURSE_DEBUG=1)")
+    ap.set_defaults(fn=None)
+    sub = ap.add_subparsers(title="commands", metavar="COMMAND")
+    for add in (_add_course, _add_demo, _add_train, _add_eval):
+        add(sub)
+    sub.add_parser("info", help="versions and available engines").set_defaults(fn=_cmd_info)
+    return ap
+
+
+# ------------------------------------------------------------------ errors
+_OS_FIXES = {
+    FileNotFoundError: "check the path",
+    NotADirectoryError: "a part of the path is a file, not a folder; check the path",
+    IsADirectoryError: "pass a file, not a folder",
+    FileExistsError: "pick another path (e.g. another --out)",
+    PermissionError: "pick a location you may read and write (e.g. another --out)",
+}
+
+
+def _raised_by_our_check(e: BaseException) -> bool:
+    """True when ``e`` comes from a ``raise`` statement in qcourse (outside this file).
+
+    That is our own validation of an argument; a TypeError raised by Python or torch, or by a
+    wrong call in this file, is a bug and keeps its traceback.
+    """
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    here = Path(__file__).resolve()
+    package = here.parents[1]          # qcourse/, this file being qcourse/course/cli.py
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    line = linecache.getline(str(path), tb.tb_lineno).strip()
+    return package in path.parents and path != here and line.startswith("raise")
+
+
+def _exit_code(e: Exception) -> Optional[int]:
+    """The status for an error to report in one line, or ``None`` for a bug (keep the traceback)."""
+    from qcourse.course.run import NotebookFailed
+
+    if isinstance(e, NotebookFailed):
+        return EXIT_FAILED
+    if isinstance(e, (ValueError, *_OS_FIXES)):  # CheckpointError is a ValueError
+        return EXIT_USAGE
+    if isinstance(e, TypeError) and _raised_by_our_check(e):
+        return EXIT_USAGE
+    return None
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # from the OS: add the fix
+        return f"{e.strerror.lower()}: {e.filename}; {_OS_FIXES.get(type(e), 'check the path')}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run the ``qcourse`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.fn is None:  # a bare `qcourse`: say what it can do, and fail so that scripts notice
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    debug = args.debug or os.environ.get("QCOURSE_DEBUG", "").strip() not in ("", "0")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"qcourse: {str(e) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code = _exit_code(e)
+        if debug or code is None:
+            raise
+        print(f"qcourse: error: {_one_line(e)}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

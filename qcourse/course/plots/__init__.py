@@ -1,0 +1,11 @@
+"""Figures for the lessons (matplotlib). Each function returns the ``Figure`` it drew.
+
+``qcourse.course.plots.basics`` holds lessons 1-2 (bit layouts, the quantization staircase,
+MSE vs amax, per-channel error, the STE gradient); ``qcourse.course.plots.calibration`` holds
+lessons 3-4 (activation histograms with each calibrator's amax, method comparisons).
+"""
+from qcourse.course.plots.basics import *  # noqa: F401,F403
+from qcourse.course.plots.calibration import *  # noqa: F401,F403
+from qcourse.course.plots import basics as _b, calibration as _c
+
+__all__ = [*_b.__all__, *_c.__all__]

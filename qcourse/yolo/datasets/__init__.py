@@ -1,0 +1,55 @@
+"""Lessons 5-8 — detection data: a COCO-format loader and the course's synthetic dataset.
+
+* :mod:`qcourse.yolo.datasets.coco` — :class:`CocoDetection` (letterbox, targets, caching,
+  augmentation; the annotation file is checked on load and a broken one raises
+  :class:`CocoFormatError`), :func:`create_dataloader`, :func:`collate_fn` and the 80-class
+  COCO id mapping (:data:`COCO80_TO_91`, :func:`coco91_to_80`).
+* :mod:`qcourse.yolo.datasets.synthetic` — :func:`make_synthetic_coco` writes a deterministic
+  shapes dataset in COCO layout; :func:`ensure_default_dataset` creates (once) the
+  default that lessons 5-8 train, calibrate and evaluate on.
+"""
+from .coco import (
+    COCO80_NAMES,
+    COCO80_TO_91,
+    COCO91_TO_80,
+    CocoDetection,
+    CocoFormatError,
+    EpochSampler,
+    LetterboxInfo,
+    coco80_to_91,
+    coco91_to_80,
+    collate_fn,
+    create_dataloader,
+    letterbox,
+)
+from .synthetic import (
+    CLASSES,
+    DEFAULT_PARAMS,
+    default_dataset_root,
+    ensure_default_dataset,
+    make_synthetic_coco,
+    render_image,
+    verify_synthetic_coco,
+)
+
+__all__ = [
+    "COCO80_NAMES",
+    "COCO80_TO_91",
+    "COCO91_TO_80",
+    "CocoDetection",
+    "CocoFormatError",
+    "EpochSampler",
+    "LetterboxInfo",
+    "coco80_to_91",
+    "coco91_to_80",
+    "collate_fn",
+    "create_dataloader",
+    "letterbox",
+    "CLASSES",
+    "DEFAULT_PARAMS",
+    "default_dataset_root",
+    "ensure_default_dataset",
+    "make_synthetic_coco",
+    "render_image",
+    "verify_synthetic_coco",
+]
