@@ -69,7 +69,7 @@ def _forged_manifest_folder(root: Path):
     (root / "val2017").mkdir(parents=True)
     (root / "val2017" / "000000000139.jpg").write_bytes(b"\xff\xd8 a user's photo")
     (root / "manifest.json").write_text(json.dumps({
-        "generator": "qcourse.yolo.datasets.synthetic", "version": 1,
+        "generator": "qcourse.datasets.synthetic", "version": 1,
         "files": {"../outside.txt": "0" * 64, "val2017/000000000139.jpg": "0" * 64}}))
     (root.parent / "outside.txt").write_text("not the generator's")
 

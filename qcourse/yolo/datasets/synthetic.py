@@ -532,7 +532,9 @@ def _planned_files(params: dict) -> List[str]:
 # The generator deletes or replaces only files it can prove it wrote: those listed in a
 # manifest.json carrying its generator tag. Anything else in the folder — a real COCO
 # download, a user's notes — is never touched.
-_GENERATOR_TAG = "qcourse.yolo.datasets.synthetic"
+# the tag written into every manifest: a name, kept when the module moved, so that datasets
+# generated before still count as the generator's own
+_GENERATOR_TAG = "qcourse.datasets.synthetic"
 _MANIFEST = "manifest.json"
 
 
