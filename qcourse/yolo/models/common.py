@@ -56,22 +56,30 @@ def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
             f"cannot fuse: conv has {conv.out_channels} output channels but the BatchNorm "
             f"has {bn.num_features} features"
         )
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_(bn.bias + (conv_bias - bn.running_mean) * scale)
-    return fused
+    return _conv_like(conv, conv.weight * scale.reshape(-1, 1, 1, 1),
+                      bn.bias + (conv_bias - bn.running_mean) * scale)
+
+
+@torch.no_grad()
+def _conv_like(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A biased ``nn.Conv2d`` with ``template``'s geometry holding ``weight`` and ``bias``:
+    what every folding (Conv+BN, RepConv's branches) ends with."""
+    conv = nn.Conv2d(
+        template.in_channels,
+        template.out_channels,
+        kernel_size=template.kernel_size,
+        stride=template.stride,
+        padding=template.padding,
+        dilation=template.dilation,
+        groups=template.groups,
+        bias=True,
+        padding_mode=template.padding_mode,
+    ).to(device=weight.device, dtype=weight.dtype)
+    conv.weight.copy_(weight)
+    conv.bias.copy_(bias)
+    return conv
 
 
 class Conv(nn.Module):
@@ -234,19 +242,7 @@ class RepConv(nn.Module):
         if "rbr_reparam" in self._modules:
             return self
         weight, bias = self.get_equivalent_kernel_bias()
-        conv = self.rbr_dense[0]
-        reparam = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            kernel_size=conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            groups=conv.groups,
-            bias=True,
-        ).to(device=weight.device, dtype=weight.dtype)
-        reparam.weight.copy_(weight)
-        reparam.bias.copy_(bias)
-        self.rbr_reparam = reparam
+        self.rbr_reparam = _conv_like(self.rbr_dense[0], weight, bias)
         for name in ("rbr_identity", "rbr_dense", "rbr_1x1"):
             if name in self._modules:
                 del self._modules[name]
