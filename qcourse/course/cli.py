@@ -123,12 +123,18 @@ def _cmd_eval(args) -> int:
 # ------------------------------------------------------------------ option types
 # argparse calls these on the text of an option; an ArgumentTypeError becomes the one-line
 # "qcourse: error: argument --epochs: ..." before anything slow has started.
+def _number(text: str, cast, hint: str):
+    """``cast(text)``, or the one-line error that says what to pass instead."""
+    try:
+        return cast(text)
+    except ValueError:
+        kind = "whole number" if cast is int else "number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}; pass {hint}") from None
+
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass one >= {low}") from None
+        value = _number(text, int, f"one >= {low}")
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is too small; pass a whole number >= {low}")
         return value
@@ -137,10 +143,7 @@ def _int_at_least(low: int):
 
 
 def _img_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass a multiple of 32 such as 160") from None
+    value = _number(text, int, "a multiple of 32 such as 160")
     if value <= 0 or value % 32:  # the model downsamples 5 times by 2: other sizes do not tile its grids
         raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 32 (the model's largest "
                                          f"stride); pass e.g. {max(32, round(value / 32) * 32)}")
@@ -148,10 +151,7 @@ def _img_size(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass one > 0") from None
+    value = _number(text, float, "one > 0")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0; pass one above 0")
     return value
