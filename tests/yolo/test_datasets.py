@@ -38,10 +38,8 @@ def _hashes(root: Path):
 
 
 @pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    make_synthetic_coco(root, n_train=40, n_val=12, img_size=160, seed=7, progress=False, workers=1)
-    return root
+def syn(small_dataset):
+    return small_dataset("syn", n_train=40, n_val=12, img_size=160, seed=7)
 
 
 @pytest.fixture(scope="module")

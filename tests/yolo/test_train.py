@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from qcourse.course import cli
-from qcourse.yolo.datasets import make_synthetic_coco
 from qcourse.yolo.train import RESUME_SETTINGS, TrainConfig, train
 
 TINY = dict(img_size=64, epochs=1, batch_size=2, eval_every=1, progress=False)
@@ -27,10 +26,8 @@ def run(data, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_synthetic_coco(root, n_train=4, n_val=2, img_size=64, seed=1, progress=False, workers=1)
-    return root
+def data(small_dataset):
+    return small_dataset("tiny", n_train=4, n_val=2, img_size=64, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,16 @@
+"""Shared setup of the application tests: small synthetic datasets made on the spot."""
+import pytest
+
+from qcourse.yolo.datasets import make_synthetic_coco
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """``small_dataset(name, **params)``: a synthetic COCO-layout dataset in a fresh folder
+    (one worker, no progress bar), for fixtures that need a few real images."""
+    def make(name: str, **params):
+        root = tmp_path_factory.mktemp(name)
+        make_synthetic_coco(root, progress=False, workers=1, **params)
+        return root
+
+    return make
