@@ -16,6 +16,8 @@ YOLOv7 lessons leave sensitive layers in float.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -23,11 +25,12 @@ import torch
 from torch import nn
 
 from qcourse.nn import quant_layers as ql
+from qcourse.nn.tensor_quantizer import TensorQuantizer
 from qcourse.tensor_quant import QuantDescriptor
 
 __all__ = [
     "DEFAULT_QUANT_MAP", "initialize", "deactivate", "is_active", "QuantModuleReplacementHelper",
-    "replace_modules", "replace_to_quantization_module", "quant_map",
+    "replace_modules", "replace_to_quantization_module", "quant_map", "enable_onnx_export",
 ]
 
 #: (torch.nn attribute name, quantized class). MaxPool is quantizable (``QuantMaxPool2d``)
@@ -44,27 +47,49 @@ DEFAULT_QUANT_MAP: Tuple[Tuple[str, type], ...] = (
 )
 
 
+#: torch.nn names the reference patches but qcourse has no quantized class for (no QuantLSTM):
+#: accepted in ``float_module_list``, where they change nothing.
+_UNSUPPORTED_NAMES = ("LSTM", "LSTMCell")
+
+
 class QuantModuleReplacementHelper:
     """Swaps ``torch.nn`` attributes for quantized classes and back.
 
-    The originals are recorded the first time only, so ``initialize(); initialize();
-    deactivate()`` restores the real torch classes (the reference toolkit recorded the
-    already-patched classes on the second call and could never restore them).
+    The reference's protocol works: ``prepare_state(float_module_list, custom_map)`` then
+    ``apply_quant_modules()`` and ``restore_float_modules()``. The originals are recorded the
+    first time only, so ``initialize(); initialize(); deactivate()`` restores the real torch
+    classes (the reference toolkit recorded the already-patched classes on the second call
+    and could never restore them).
     """
 
     def __init__(self):
         self.originals: Dict[str, type] = {}
+        #: the reference's attributes: the default map and the entries the next apply patches
+        self.default_quant_map = [(nn, name, qcls) for name, qcls in DEFAULT_QUANT_MAP]
+        self.quant_map: List[Tuple[object, str, type]] = []
 
     @property
     def active(self) -> bool:
         return bool(self.originals)
 
     def prepare_state(self, float_module_list: Optional[Sequence[str]] = None,
-                      custom_quant_modules: Optional[Sequence[Tuple[object, str, type]]] = None):
+                      custom_quant_modules: Optional[Sequence[Tuple[object, str, type]]] = None,
+                      *, custom_map=None):
+        """The ``(module, name, QuantClass)`` entries to patch; also kept for :meth:`apply_quant_modules`.
+
+        ``float_module_list``: torch.nn names to leave in float; ``custom_quant_modules``:
+        extra ``(module, "Name", QuantClass)`` triples (patched even if listed as float, as
+        in the reference).
+        """
         entries = []
+        if custom_map is not None:    # the reference's name for the second argument
+            custom_quant_modules = custom_map
+        if isinstance(float_module_list, str):
+            raise TypeError(f"float_module_list must be a list of names, got the string {float_module_list!r}; "
+                            f"write [{float_module_list!r}]")
         skip = set(float_module_list or ())
         known = {name for name, _ in DEFAULT_QUANT_MAP}
-        unknown = skip - known
+        unknown = skip - known - set(_UNSUPPORTED_NAMES)
         if unknown:
             raise ValueError(f"float_module_list has names that are not quantized by default: "
                              f"{sorted(unknown)}; valid names: {sorted(known)}")
@@ -75,8 +100,20 @@ class QuantModuleReplacementHelper:
             if len(entry) != 3:
                 raise ValueError("custom_quant_modules entries must be (module, 'Name', QuantClass), "
                                  f"got {entry!r}")
+            if not isinstance(entry[1], str) or not hasattr(entry[0], entry[1]):
+                raise ValueError(f"custom_quant_modules entry {entry!r}: {entry[0]!r} has no attribute "
+                                 f"{entry[1]!r} to replace; entries are (module, 'Name', QuantClass)")
             entries.append(tuple(entry))
+        self.quant_map = entries
         return entries
+
+    def apply_quant_modules(self):
+        """Patch the entries of the last :meth:`prepare_state` (the reference's name)."""
+        self.apply(self.quant_map)
+
+    def restore_float_modules(self):
+        """Put every patched attribute back (the reference's name; safe when nothing is patched)."""
+        self.restore()
 
     def apply(self, entries):
         for mod, name, qcls in entries:
@@ -120,6 +157,37 @@ def initialize(float_module_list: Optional[Sequence[str]] = None,
 def deactivate():
     """Restore the original ``torch.nn`` classes (safe to call when not active)."""
     _HELPER.restore()
+
+
+def _torchscript_export(export):
+    """``torch.onnx.export`` with ``dynamo=False`` unless the caller chose: the Q/DQ symbolic
+    lives on an autograd Function, which only the TorchScript exporter reads (and torch >= 2.9
+    defaults to the dynamo exporter, which also needs onnxscript)."""
+    @functools.wraps(export)
+    def wrapper(*args, **kwargs):
+        kwargs.setdefault("dynamo", False)
+        return export(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def enable_onnx_export():
+    """``with enable_onnx_export(): torch.onnx.export(model, ...)`` — the reference's switch.
+
+    qcourse's quantizers always export as QuantizeLinear/DequantizeLinear; inside this block
+    they also refuse to run without a calibrated amax (the graph would otherwise hold the
+    range of the example input) and warn if still calibrating, and ``torch.onnx.export``
+    defaults to the TorchScript exporter (``dynamo=False``), which the reference's code
+    assumed. Nested use is fine; everything comes back on exit, even if the export raises.
+    """
+    previous, export = TensorQuantizer._enable_onnx_export, torch.onnx.export
+    TensorQuantizer._enable_onnx_export = True
+    torch.onnx.export = _torchscript_export(export)
+    try:
+        yield
+    finally:
+        TensorQuantizer._enable_onnx_export = previous
+        torch.onnx.export = export
 
 
 def is_active() -> bool:

@@ -63,6 +63,12 @@ __all__ = [
     "quant_bounds",
     "normalized_axes",
     "check_num_bits",
+    "check_int_bits",
+    "is_fp8",
+    "FP8_E4M3",
+    "FP8_E4M3_MAX",
+    "scaled_e4m3",
+    "legacy_fake_tensor_quant",
     "CALIBRATORS",
     "tensor_quant",
     "fake_tensor_quant",
@@ -87,21 +93,52 @@ FP16_MAX = 65504.0
 CALIBRATORS = ("max", "histogram")
 
 
+#: ``num_bits`` for FP8 E4M3 (4 exponent, 3 mantissa bits), as the reference spells it.
+FP8_E4M3 = (4, 3)
+#: Largest finite E4M3 value: an FP8 quantizer maps amax to it (``scale = 448 / amax``).
+FP8_E4M3_MAX = 448
+
+
+def is_fp8(num_bits) -> bool:
+    """True for ``num_bits=(4, 3)`` (FP8 E4M3), False for an integer width."""
+    return isinstance(num_bits, (tuple, list)) and tuple(num_bits) == FP8_E4M3 \
+        and all(is_int(b) for b in num_bits)
+
+
 def check_num_bits(num_bits) -> None:
-    """Raise unless ``num_bits`` is an int in 2..16 (the widths qcourse quantizes to)."""
+    """Raise unless ``num_bits`` is an int in 2..16 or ``(4, 3)`` (FP8 E4M3)."""
+    if is_fp8(num_bits):
+        return
+    if isinstance(num_bits, (tuple, list)):
+        raise ValueError(f"num_bits as a tuple must be (4, 3) for FP8 E4M3, got {tuple(num_bits)!r}; "
+                         "E5M2 and other float formats are not supported")
     if not is_int(num_bits):
-        raise TypeError(f"num_bits must be an int, got {num_bits!r} of type {type(num_bits).__name__}")
+        raise TypeError(f"num_bits must be an int or (4, 3), got {num_bits!r} of type {type(num_bits).__name__}")
     if not 2 <= num_bits <= 16:
-        raise ValueError(f"num_bits must be in 2..16, got {num_bits}")
+        raise ValueError(f"num_bits must be in 2..16 (or (4, 3) for FP8 E4M3), got {num_bits}")
 
 
-def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True) -> Tuple[int, int]:
-    """Return ``(min_bound, max_bound)``, the smallest and largest integer code.
+def check_int_bits(num_bits, what: str) -> None:
+    """Raise unless ``num_bits`` is an integer width: ``what`` counts integer levels."""
+    check_num_bits(num_bits)
+    if is_fp8(num_bits):
+        raise ValueError(f"{what} needs an integer num_bits (2..16), got FP8 {tuple(num_bits)!r}; "
+                         "calibrate FP8 with max, 'mse' or 'percentile'")
+
+
+def quant_bounds(num_bits=8, unsigned: bool = False, narrow_range: bool = True) -> Tuple[int, int]:
+    """Return ``(min_bound, max_bound)``, the smallest and largest code.
 
     >>> quant_bounds(8), quant_bounds(8, narrow_range=False), quant_bounds(8, unsigned=True)
     ((-127, 127), (-128, 127), (0, 255))
+
+    FP8 E4M3 is symmetric, so ``narrow_range`` changes nothing: ``(-448, 448)``.
     """
     check_num_bits(num_bits)
+    if is_fp8(num_bits):
+        if unsigned:
+            raise ValueError("FP8 E4M3 (num_bits=(4, 3)) is signed; use unsigned=False")
+        return -FP8_E4M3_MAX, FP8_E4M3_MAX
     max_bound = 2 ** (num_bits - 1 + int(unsigned)) - 1
     if unsigned:
         min_bound = 0
@@ -140,7 +177,8 @@ class ScaledQuantDescriptor:
     """How a tensor should be quantized (lesson 2).
 
     Args:
-        num_bits: bits of the integer code, 2..16. Default 8.
+        num_bits: bits of the integer code, 2..16, or ``(4, 3)`` for FP8 E4M3 (signed,
+            amax mapped to 448). Default 8.
         name: optional name, used in reprs.
 
     Keyword Args:
@@ -160,7 +198,7 @@ class ScaledQuantDescriptor:
 
     def __init__(self, num_bits: int = 8, name: Optional[str] = None, **kwargs):
         check_num_bits(num_bits)
-        self._num_bits = int(num_bits)
+        self._num_bits = FP8_E4M3 if is_fp8(num_bits) else int(num_bits)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
         self._name = name
@@ -201,6 +239,8 @@ class ScaledQuantDescriptor:
         check_bool("unsigned", self._unsigned)
         self._narrow_range = kwargs.pop("narrow_range", False)
         check_bool("narrow_range", self._narrow_range)
+        if self._unsigned and is_fp8(self._num_bits):
+            raise ValueError("FP8 E4M3 (num_bits=(4, 3)) is signed; use unsigned=False")
 
         if kwargs:
             raise TypeError(f"Unknown QuantDescriptor arguments: {sorted(kwargs)}")
@@ -275,6 +315,32 @@ class ScaledQuantDescriptor:
         if self._narrow_range:
             out["narrow_range"] = True
         return out
+
+    def to_yaml(self) -> str:
+        """The descriptor as YAML (:meth:`dict`, tuples written as lists); ``from_yaml`` reads it."""
+        import yaml
+
+        d = self.dict()
+        for key in ("axis", "num_bits"):   # YAML has no tuples: safe_load must read it back
+            if isinstance(d.get(key), tuple):
+                d[key] = list(d[key])
+        return yaml.safe_dump(d, width=120)
+
+    @classmethod
+    def from_yaml(cls, yaml_str: str) -> "ScaledQuantDescriptor":
+        """The descriptor :meth:`to_yaml` wrote (or any YAML mapping of its keyword arguments)."""
+        import yaml
+
+        if not isinstance(yaml_str, str):
+            raise TypeError(f"from_yaml takes the YAML text, got {type(yaml_str).__name__}; "
+                            "read the file first: from_yaml(path.read_text())")
+        d = yaml.safe_load(yaml_str)
+        if not isinstance(d, dict):
+            raise ValueError(f"from_yaml needs a YAML mapping such as 'num_bits: 8', got {d!r}")
+        for key in ("axis", "num_bits"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
 
     def replace(self, **changes) -> "ScaledQuantDescriptor":
         """A copy with some fields changed (descriptors themselves are immutable)."""
@@ -382,6 +448,21 @@ def _step_and_mask(amax32: torch.Tensor, max_bound: int):
     return step, None
 
 
+def _fp8_codes(x32: torch.Tensor, step: torch.Tensor, tiny, dequantize: bool) -> torch.Tensor:
+    """``saturate(e4m3(x / step))`` (times ``step`` if ``dequantize``), as ONNX QuantizeLinear-19.
+
+    torch's cast to ``float8_e4m3fn`` rounds to nearest even like ONNX, but turns values
+    past 448 into NaN where ONNX saturates, hence the clamp first.
+    """
+    out = torch.div(x32, step).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    out = out.to(torch.float8_e4m3fn).to(torch.float32)
+    if tiny is not None:
+        out.masked_fill_(tiny.expand_as(out) if tiny.dim() else tiny, 0.0)
+    if dequantize:
+        out.mul_(step)
+    return out
+
+
 def _codes(x32: torch.Tensor, step: torch.Tensor, tiny, min_bound: int, max_bound: int,
            dequantize: bool) -> torch.Tensor:
     """``clamp(round(x / step))`` (times ``step`` if ``dequantize``), computed in float32."""
@@ -442,6 +523,8 @@ def _forward(ctx, inputs, amax, num_bits, unsigned, narrow_range, dequantize: bo
     ctx.unsigned = unsigned
     bounds = quant_bounds(num_bits, unsigned, narrow_range)
     step, tiny = _step_and_mask(amax.float(), bounds[1])
+    if is_fp8(num_bits):
+        return _fp8_codes(inputs.float(), step, tiny, dequantize), bounds, tiny
     out = _codes(inputs.float(), step, tiny, bounds[0], bounds[1], dequantize=dequantize)
     return out, bounds, tiny
 
@@ -459,12 +542,25 @@ class TensorQuantFunction(torch.autograd.Function):
         scale = max_bound / amax.float()
         if tiny is not None:
             scale = torch.where(tiny, torch.ones_like(scale), scale)
+        scale = _scale_in(scale, inputs.dtype)
         ctx.mark_non_differentiable(scale)
         return codes.to(_codes_dtype(inputs.dtype, min_bound, max_bound)), scale
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_scale):
         return _ste(ctx, grad_outputs).to(ctx.saved_tensors[0].dtype), None, None, None, None
+
+
+def _scale_in(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale in the input's dtype, as the reference returns it; refused where it overflows."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return scale.to(dtype)
+    big = float(scale.max())
+    if big > torch.finfo(dtype).max:
+        raise ValueError(f"scale {big:.6g} = max_bound/amax overflows {dtype} (max "
+                         f"{torch.finfo(dtype).max:.6g}): amax is too small for a {dtype} scale. "
+                         "Quantize a float32 copy of the input (x.float()) or raise amax.")
+    return scale.to(dtype)
 
 
 def _onnx_qdq(g, inputs, amax, num_bits, unsigned, narrow_range):
@@ -480,6 +576,8 @@ def _onnx_qdq(g, inputs, amax, num_bits, unsigned, narrow_range):
     """
     from torch.onnx import symbolic_helper
 
+    if is_fp8(num_bits):
+        return _onnx_fp8_qdq(g, inputs, amax, symbolic_helper)
     if num_bits != 8:
         raise ValueError(f"ONNX QuantizeLinear (opset 13) supports 8-bit codes only, got num_bits={num_bits}; "
                          "export 8-bit quantizers, or disable this one for export")
@@ -498,6 +596,38 @@ def _onnx_qdq(g, inputs, amax, num_bits, unsigned, narrow_range):
     zp = g.op("Constant", value_t=torch.zeros(flat, dtype=torch.uint8 if unsigned else torch.int8))
     kw = {"axis_i": channel[0]} if channel else {}
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp, **kw), scale, zp, **kw)
+
+
+def _export_opset() -> int:
+    """The opset of the export in progress (the TorchScript exporter's global state)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:        # torch < 2.9 kept it here
+        from torch.onnx._globals import GLOBALS
+    return GLOBALS.export_onnx_opset_version
+
+
+def _onnx_fp8_qdq(g, inputs, amax, symbolic_helper):
+    """FP8 E4M3 fake quantization as ``QuantizeLinear -> DequantizeLinear`` with a float8 zero point.
+
+    ONNX gained float8 QuantizeLinear in opset 19 (``saturate=1`` by default: values past
+    448 become 448, as the forward pass clamps). ``y_scale = amax / 448``; per tensor only,
+    the form TensorRT reads for FP8.
+    """
+    opset = _export_opset()
+    if opset < 19:
+        raise ValueError(f"FP8 E4M3 QuantizeLinear needs ONNX opset 19 or later, this export uses "
+                         f"opset {opset}; pass opset_version=19 to torch.onnx.export "
+                         "(or opset=19 to qcourse.export.export_onnx)")
+    sizes = symbolic_helper._get_tensor_sizes(amax) or []
+    if any(n != 1 for n in sizes):
+        raise ValueError(f"FP8 E4M3 export is per tensor only (as in TensorRT), got an amax of shape "
+                         f"{tuple(sizes)}; use axis=None for FP8 quantizers")
+    step = g.op("Div", g.op("Cast", amax, to_i=1),  # 1 = float32
+                g.op("Constant", value_t=torch.tensor(float(FP8_E4M3_MAX))))
+    scale = g.op("Reshape", step, g.op("Constant", value_t=torch.tensor([], dtype=torch.int64)))
+    zp = g.op("Constant", value_t=torch.zeros((), dtype=torch.float8_e4m3fn))
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", inputs, scale, zp), scale, zp)
 
 
 class FakeTensorQuantFunction(torch.autograd.Function):
@@ -593,6 +723,20 @@ def learnable_fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, u
     amax = _as_amax_tensor(amax, inputs)
     _validate(inputs, amax, num_bits, unsigned, narrow_range)
     return LearnableFakeTensorQuantFunction.apply(inputs, amax, num_bits, unsigned, narrow_range)
+
+
+def scaled_e4m3(inputs: torch.Tensor, amax=None, E: int = 4, M: int = 3) -> torch.Tensor:
+    """FP8 E4M3 fake quantization under the reference's name: ``fake_tensor_quant(x, amax, (4, 3))``.
+
+    ``amax=None`` quantizes with scale 1 (amax 448), as the reference does.
+    """
+    if (E, M) != FP8_E4M3:
+        raise ValueError(f"only E4M3 is supported (E=4, M=3), got E={E}, M={M}")
+    return fake_tensor_quant(inputs, FP8_E4M3_MAX if amax is None else amax, FP8_E4M3)
+
+
+#: The reference's CPU fallback under its own name: qcourse has one implementation.
+legacy_fake_tensor_quant = fake_tensor_quant
 
 
 # ----------------------------------------------------------------------------------------

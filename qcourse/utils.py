@@ -1,13 +1,25 @@
-"""Checks shared by every layer of qcourse (the bottom layer: imports nothing from qcourse).
+"""Checks and small helpers shared by every layer of qcourse (the bottom layer: imports
+nothing from qcourse).
 
-``pytorch_quantization`` keeps its small helpers in ``utils``; so does qcourse. Each check
-raises an error that names the bad value, so the layers above never write their own.
+``pytorch_quantization`` keeps its small helpers in ``utils``; so does qcourse:
+
+* :func:`reduce_amax` — ``max(|x|)`` over some dims, the statistic every max calibrator
+  and dynamic quantizer computes;
+* :mod:`quant_logging` (``qcourse.utils.quant_logging``) — the reference's logging helper,
+  ``reset_logger_handler()``;
+* :func:`is_int`, :func:`check_bool` — argument checks whose errors name the bad value,
+  so the layers above never write their own.
 """
 from __future__ import annotations
 
+import logging
 import numbers
+import sys
+import types
 
-__all__ = ["is_int", "check_bool"]
+import torch
+
+__all__ = ["is_int", "check_bool", "reduce_amax", "quant_logging"]
 
 
 def is_int(value) -> bool:
@@ -19,3 +31,68 @@ def check_bool(name: str, value) -> None:
     """Raise ``TypeError`` unless ``value`` is exactly ``True`` or ``False``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _dims(name: str, axis, ndim: int) -> tuple:
+    """``axis`` (an int or a sequence of ints) as sorted non-negative dims, checked."""
+    axes = (axis,) if is_int(axis) else axis
+    if not isinstance(axes, (tuple, list)) or not all(is_int(a) for a in axes):
+        raise TypeError(f"{name} must be None, an int or a tuple of ints, got {axis!r}")
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}={axis!r} is out of range for a {ndim}-D tensor; "
+                             f"use dims in {-ndim}..{ndim - 1}")
+    dims = sorted({int(a) % ndim for a in axes})
+    if len(dims) != len(axes):
+        raise ValueError(f"{name}={axis!r} names the same dim twice for a {ndim}-D tensor")
+    return tuple(dims)
+
+
+def reduce_amax(input: torch.Tensor, axis=None, keepdims: bool = True, exclude_axis=None) -> torch.Tensor:
+    """``max(|input|)`` over ``axis`` (numpy's convention), without gradient.
+
+    Args:
+        input: a tensor.
+        axis: the dims to reduce: None (all: a 0-d result, as pytorch_quantization returns
+            whatever ``keepdims`` says), an int or a tuple of ints.
+        keepdims: keep each reduced dim with size 1 (True, the default) or drop it.
+        exclude_axis: the dims to keep instead (reduce all others): ``exclude_axis=0`` on a
+            KCRS weight gives the per-output-channel amax, shape ``(K, 1, 1, 1)``. Not with
+            ``axis``.
+
+    Raises ``ValueError`` for out-of-range or repeated dims and for an empty tensor.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    check_bool("keepdims", keepdims)
+    if input.numel() == 0:
+        raise ValueError(f"reduce_amax of an empty tensor (shape {tuple(input.shape)}) has no maximum")
+    if exclude_axis is not None:
+        if axis is not None:
+            raise ValueError(f"give axis (dims to reduce) or exclude_axis (dims to keep), not both: "
+                             f"axis={axis!r}, exclude_axis={exclude_axis!r}")
+        keep = _dims("exclude_axis", exclude_axis, input.dim())
+        axis = tuple(d for d in range(input.dim()) if d not in keep)
+        if not axis:               # every dim kept: the amax of each element is |x|
+            return input.detach().abs()
+    with torch.no_grad():
+        x = input.detach().abs()
+        if axis is None:
+            return torch.amax(x) if x.dim() else x
+        return torch.amax(x, dim=_dims("axis", axis, input.dim()), keepdim=keepdims)
+
+
+def _reset_logger_handler() -> None:
+    """Remove every handler of the root logger (the reference's fix for code that added its own)."""
+    root = logging.getLogger()
+    while root.handlers:
+        root.removeHandler(root.handlers[0])
+
+
+# ``pytorch_quantization.utils.quant_logging`` is a module; so is this, registered under its
+# dotted name so that ``import qcourse.utils.quant_logging`` works like ``from qcourse.utils
+# import quant_logging``.
+quant_logging = types.ModuleType(f"{__name__}.quant_logging", "Logging helpers of pytorch_quantization.")
+quant_logging.reset_logger_handler = _reset_logger_handler
+quant_logging.__all__ = ["reset_logger_handler"]
+sys.modules[quant_logging.__name__] = quant_logging

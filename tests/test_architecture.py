@@ -16,7 +16,7 @@ PACKAGE = Path(qcourse.__file__).resolve().parent
 #: itself). Toolkit 0-6 (in the reference's order), techniques 10, application 20, glue 30.
 RANKS = {
     "utils": 0, "tensor_quant": 1, "calib": 2, "nn": 3, "quant_modules": 4, "export": 5,
-    "workflow": 5,
+    "workflow": 5, "optim": 6,
     "ptq": 10, "sensitivity": 10, "qat": 10, "engines": 10,
     "yolo": 20,
     "course": 30, "__main__": 40,

@@ -535,3 +535,35 @@ def test_mse_near_float32_max_raises_a_clear_error():
     with pytest.raises(ValueError, match="overflow"):
         c.compute_amax("mse")
     assert c.compute_amax("percentile") > 0   # the other methods still answer
+
+
+# ------------------------------------------------------------------ calibrate_weights
+def test_calibrate_weights_uses_the_quantizers_axis():
+    from qcourse import nn as quant_nn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(quant_nn.QuantConvTranspose2d(3, 5, 2))   # weight (3, 5, 2, 2): axis 1
+    assert calib.calibrate_weights(model, method="max") == ["0"]
+    w = model[0].weight.detach().abs()
+    assert torch.equal(model[0].weight_quantizer.amax, w.amax(dim=(0, 2, 3), keepdim=True))
+
+
+def test_calibrate_weights_zero_channel_and_bad_arguments():
+    from qcourse import nn as quant_nn
+
+    model = torch.nn.Sequential(quant_nn.QuantLinear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+    calib.calibrate_weights(model, method="mse", num_bins=256)
+    amax = model[0].weight_quantizer.amax.flatten()
+    assert float(amax[1]) == 0.0 and float(amax[0]) > 0
+    for kwargs, match in [(dict(percentile=0), "percentile"), (dict(num_bins=1), "num_bins"),
+                          (dict(perchannel=1), "perchannel"), (dict(method="mse", num_bins=64), "num_bins > 128")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            calib.calibrate_weights(model, **kwargs)
+
+
+def test_fp8_calibrators_accept_e4m3():
+    cal = calib.MaxCalibrator(num_bits=(4, 3))
+    cal.collect(torch.tensor([1.0, -3.0]))
+    assert cal.num_bits == (4, 3) and float(cal.compute_amax()) == 3.0

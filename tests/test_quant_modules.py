@@ -134,3 +134,25 @@ def test_disable_quantization_context_restores_state():
     with workflow.enable_quantization(model):
         assert model.head.input_quantizer.is_enabled
     assert not model.head.input_quantizer.is_enabled
+
+
+def test_enable_onnx_export_nests_and_restores_on_error():
+    export = torch.onnx.export
+    with quant_modules.enable_onnx_export():
+        with quant_modules.enable_onnx_export():
+            assert quant_nn.TensorQuantizer._enable_onnx_export
+        assert quant_nn.TensorQuantizer._enable_onnx_export and torch.onnx.export is not export
+    assert not quant_nn.TensorQuantizer._enable_onnx_export and torch.onnx.export is export
+    with pytest.raises(KeyError):
+        with quant_modules.enable_onnx_export():
+            raise KeyError("export failed")
+    assert not quant_nn.TensorQuantizer._enable_onnx_export and torch.onnx.export is export
+
+
+def test_prepare_state_names_the_bad_entry():
+    helper = quant_modules.QuantModuleReplacementHelper()
+    with pytest.raises(ValueError, match="Conv9d"):
+        helper.prepare_state(custom_map=[(nn, "Conv9d", quant_nn.QuantConv2d)])
+    with pytest.raises(TypeError, match=r"\['Linear'\]"):
+        helper.prepare_state("Linear")
+    helper.restore_float_modules()         # nothing applied: harmless

@@ -295,3 +295,30 @@ def test_dynamic_and_calibrated_amax_get_no_gradient():
     q(x).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 0.0]
     assert not any(p.requires_grad for p in q.parameters())
+
+
+# ------------------------------------------------------------------ instance norm, scale, export readiness
+def test_instance_norm_from_float_keeps_parameters():
+    m = nn.InstanceNorm2d(3, affine=True)
+    q = quant_nn.QuantInstanceNorm2d.from_float(m, QuantDescriptor(amax=1.0))
+    assert q.weight is m.weight and q.input_quantizer.amax == 1.0
+    x = torch.randn(2, 3, 4, 4)
+    _, xq, _ = np_quant(x.numpy(), 1.0, narrow_range=False)
+    torch.testing.assert_close(q(x), F.instance_norm(torch.from_numpy(xq), weight=m.weight, bias=m.bias))
+
+
+def test_scale_of_a_fake_quantizer_comes_from_its_amax():
+    q = quant_nn.TensorQuantizer(QuantDescriptor(amax=[2.0, 4.0], axis=0))
+    assert q.scale.tolist() == [63.5, 31.75] and q.maxbound == 127
+
+
+def test_export_readiness_check_only_under_the_switch():
+    q = quant_nn.TensorQuantizer(QuantDescriptor(num_bits=(4, 3), axis=0, amax=[[1.0], [2.0]]))
+    x = torch.randn(2, 3)
+    q(x)                                   # training and evaluation: per-channel FP8 runs
+    quant_nn.TensorQuantizer._enable_onnx_export = True
+    try:
+        with pytest.raises(ValueError, match="per tensor"):
+            q(x)
+    finally:
+        quant_nn.TensorQuantizer._enable_onnx_export = False

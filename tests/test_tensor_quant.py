@@ -383,3 +383,40 @@ def test_amax_that_broadcasts_down_still_works():
     x = torch.randn(4, 3, 2, 2)
     out = fake_tensor_quant(x, torch.ones(4, 1, 1, 1))
     assert out.shape == x.shape
+
+
+# ------------------------------------------------------------------ FP8 E4M3 (num_bits=(4, 3))
+def test_fp8_bounds_and_descriptor():
+    assert tq.quant_bounds((4, 3)) == (-448, 448) == tq.quant_bounds((4, 3), narrow_range=False)
+    d = QuantDescriptor(num_bits=[4, 3])
+    assert d.num_bits == (4, 3) and QuantDescriptor(**d.dict()) == d
+    with pytest.raises(ValueError, match="signed"):
+        tq.quant_bounds((4, 3), unsigned=True)
+
+
+def test_fp8_values_are_exactly_representable_and_saturate():
+    x = torch.linspace(-600, 600, 4001)
+    y = fake_tensor_quant(x, torch.tensor(448.0), (4, 3))     # step 1: y is E4M3 itself
+    assert torch.equal(y, y.to(torch.float8_e4m3fn).float())
+    assert float(y.max()) == 448.0 and float(y.min()) == -448.0
+    assert torch.all(fake_tensor_quant(x, 2.0 ** -25, (4, 3)) == 0)
+
+
+def test_fp8_straight_through_gradient():
+    x = torch.tensor([-5.0, -1.0, 0.3, 3.9, 4.5], requires_grad=True)
+    fake_tensor_quant(x, torch.tensor(4.0), (4, 3)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_quant_scale_follows_the_input_dtype(dtype):
+    _, scale = tensor_quant(torch.ones(3, dtype=dtype), torch.tensor(2.0))
+    assert scale.dtype == dtype and float(scale) == 63.5
+
+
+def test_descriptor_yaml_keeps_tuples_and_refuses_text_that_is_not_a_mapping():
+    d = QuantDescriptor(axis=(0, 1), num_bits=(4, 3), name="x")
+    assert "axis:\n- 0\n- 1" in d.to_yaml()
+    assert QuantDescriptor.from_yaml(d.to_yaml()) == d
+    with pytest.raises(TypeError, match="read the file first"):
+        QuantDescriptor.from_yaml(b"num_bits: 8")

@@ -11,6 +11,8 @@ afterwards ``compute_amax(...)`` gives the amax it will quantize with.
   — the three methods on any histogram; :func:`kl_divergences` and :func:`mse_errors`
   give their whole curves for plots.
 * :func:`calibrator_from_descriptor` — the calibrator a :class:`QuantDescriptor` asks for.
+* :func:`calibrate_weights` — every weight quantizer's amax straight from the weights
+  (percentile, mse or max), no data needed.
 
 Names and signatures follow ``pytorch_quantization.calib``.
 """
@@ -26,6 +28,7 @@ from qcourse.calib.histogram import (
     kl_divergences,
     mse_errors,
 )
+from qcourse.calib.weights import WEIGHT_METHODS, calibrate_weights
 
 __all__ = [
     "Calibrator",
@@ -39,6 +42,8 @@ __all__ = [
     "check_histogram",
     "calibrator_from_descriptor",
     "METHODS",
+    "calibrate_weights",
+    "WEIGHT_METHODS",
 ]
 
 

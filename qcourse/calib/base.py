@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from qcourse.tensor_quant import QuantDescriptor, check_num_bits, normalized_axes
+from qcourse.tensor_quant import QuantDescriptor, check_num_bits, is_fp8, normalized_axes
 from qcourse.utils import check_bool
 
 __all__ = ["Calibrator", "Axis"]
@@ -27,7 +27,7 @@ class Calibrator:
     """Base class of the calibrators (lesson 4).
 
     Args:
-        num_bits: bits of the quantizer this calibrator feeds (2..16).
+        num_bits: bits of the quantizer this calibrator feeds (2..16, or (4, 3) for FP8).
         axis: ``None`` for one amax per tensor; an int or tuple of ints for one amax per
             slice along those dims.
         unsigned: the quantizer is unsigned; negative inputs are then an error.
@@ -38,7 +38,7 @@ class Calibrator:
     def __init__(self, num_bits: int = 8, axis: Axis = None, unsigned: bool = False):
         check_num_bits(num_bits)
         check_bool("unsigned", unsigned)
-        self._num_bits = int(num_bits)
+        self._num_bits = tuple(num_bits) if is_fp8(num_bits) else int(num_bits)
         self._axis = QuantDescriptor._check_axis(axis)
         self._unsigned = unsigned
         self._layout: Optional[Layout] = None

@@ -50,7 +50,7 @@ import scipy.stats
 import torch
 
 from qcourse.calib.base import Axis, Calibrator
-from qcourse.tensor_quant import check_num_bits, fake_tensor_quant
+from qcourse.tensor_quant import check_int_bits, check_num_bits, fake_tensor_quant
 from qcourse.utils import check_bool, is_int
 
 __all__ = [
@@ -602,7 +602,7 @@ def kl_divergences(hist, bin_edges, num_bits: int = 8, unsigned: bool = False, s
     ``amax_candidates[k] = bin_edges[start_bin + k*stride]``; the divergences come from the
     closed form (equal to the reference's to ~1e-12; inf where the reference gives inf).
     """
-    check_num_bits(num_bits)
+    check_int_bits(num_bits, "entropy calibration (it compares 2**(num_bits-1) integer levels)")
     check_bool("unsigned", unsigned)
     h, e = check_histogram(hist, bin_edges, min_bins=2, integral=True)
     _check_search_args(stride, start_bin, len(h))
@@ -628,7 +628,7 @@ def compute_amax_entropy(hist, bin_edges, num_bits: int = 8, unsigned: bool = Fa
     Returns:
         amax as a Python float (an entry of ``bin_edges``).
     """
-    check_num_bits(num_bits)
+    check_int_bits(num_bits, "entropy calibration (it compares 2**(num_bits-1) integer levels)")
     check_bool("unsigned", unsigned)
     h, e = check_histogram(hist, bin_edges, min_bins=2, integral=True)
     _check_search_args(stride, start_bin, len(h))

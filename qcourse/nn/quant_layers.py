@@ -33,12 +33,19 @@ __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "QuantInstanceNorm1d", "QuantInstanceNorm2d", "QuantInstanceNorm3d",
 ]
 
 
 def _check_desc(name, desc):
     if desc is not None and not isinstance(desc, QuantDescriptor):
         raise TypeError(f"{name} must be a QuantDescriptor or None, got {type(desc).__name__}")
+    if desc is not None and not desc.fake_quant:
+        # integer codes in front of a float conv would be wrong by the scale: the reference
+        # refuses them with ValueError too
+        raise ValueError(f"{name} has fake_quant=False, but quantized layers only fake-quantize "
+                         "(their torch op needs float inputs); use fake_quant=True, or a "
+                         "TensorQuantizer on its own to get integer codes")
 
 
 def pop_quant_desc_in_kwargs(quant_cls, input_only: bool = False, **kwargs):
@@ -238,6 +245,11 @@ QuantAvgPool3d = _input_only(nn.AvgPool3d, "``nn.AvgPool3d`` with its input quan
 QuantAdaptiveAvgPool1d = _input_only(nn.AdaptiveAvgPool1d, "``nn.AdaptiveAvgPool1d``, input quantized.")
 QuantAdaptiveAvgPool2d = _input_only(nn.AdaptiveAvgPool2d, "``nn.AdaptiveAvgPool2d``, input quantized.")
 QuantAdaptiveAvgPool3d = _input_only(nn.AdaptiveAvgPool3d, "``nn.AdaptiveAvgPool3d``, input quantized.")
+
+# instance norm: the reference quantizes its input only (the statistics stay in float)
+QuantInstanceNorm1d = _input_only(nn.InstanceNorm1d, "``nn.InstanceNorm1d`` with its input quantized per tensor.")
+QuantInstanceNorm2d = _input_only(nn.InstanceNorm2d, "``nn.InstanceNorm2d`` with its input quantized per tensor.")
+QuantInstanceNorm3d = _input_only(nn.InstanceNorm3d, "``nn.InstanceNorm3d`` with its input quantized per tensor.")
 
 # pytorch_quantization also exposes the layers under their torch names: quant_nn.Conv2d
 Conv1d, Conv2d, Conv3d = QuantConv1d, QuantConv2d, QuantConv3d

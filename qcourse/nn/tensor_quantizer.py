@@ -26,6 +26,7 @@ exactly what ONNX Runtime computes. This module depends only on ``tensor_quant``
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -67,6 +68,11 @@ class TensorQuantizer(nn.Module):
     #: :func:`qcourse.export.export_onnx` handles the export, so it changes nothing.
     use_fb_fake_quant = False
 
+    #: Set by :func:`qcourse.quant_modules.enable_onnx_export` (the reference's switch): while
+    #: True, a quantizer that cannot export (no amax, FP8 per channel) refuses to run
+    #: instead of tracing a graph with a dynamic range.
+    _enable_onnx_export = False
+
     def __init__(self, quant_desc: QuantDescriptor = QUANT_DESC_8BIT_PER_TENSOR, disabled: bool = False,
                  if_quant: bool = True, if_clip: bool = False, if_calib: bool = False):
         super().__init__()
@@ -97,6 +103,8 @@ class TensorQuantizer(nn.Module):
                 self.register_buffer("_amax", amax)
 
         self._calibrator = calib.calibrator_from_descriptor(quant_desc)
+        # the scale of the last real (fake_quant=False) quantization, as the reference keeps it
+        self._scale: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------------- properties
     num_bits = property(lambda self: self._num_bits)
@@ -150,11 +158,23 @@ class TensorQuantizer(nn.Module):
         return self.amax.float() / tq.quant_bounds(self._num_bits, self._unsigned, self._narrow_range)[1]
 
     @property
+    def maxbound(self):
+        """The largest code: 127 for signed 8-bit, 255 unsigned, 448 for FP8 E4M3."""
+        return tq.quant_bounds(self._num_bits, self._unsigned, self._narrow_range)[1]
+
+    @property
     def scale(self) -> Optional[torch.Tensor]:
-        """``max_bound / amax`` — pytorch_quantization's definition of scale."""
+        """``max_bound / amax`` — pytorch_quantization's definition of scale.
+
+        A real (``fake_quant=False``) quantizer returns the scale its last forward pass used,
+        as the reference does (the dynamic one included); otherwise the scale of the stored
+        amax, or None without one. (The reference returns 1.0 for fake quantizers.)
+        """
+        if not self._fake_quant and self._scale is not None:
+            return self._scale
         if not self.has_amax:
             return None
-        return tq.quant_bounds(self._num_bits, self._unsigned, self._narrow_range)[1] / self.amax.float()
+        return self.maxbound / self.amax.float()
 
     # ----------------------------------------------------------------- switches
     @property
@@ -311,10 +331,27 @@ class TensorQuantizer(nn.Module):
             # only a learnable amax gets a gradient (PACT); a calibrated or dynamic one gets none
             fn = tq.learnable_fake_tensor_quant if self._learn_amax else tq.fake_tensor_quant
             return fn(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
-        codes, _ = tq.tensor_quant(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
+        codes, self._scale = tq.tensor_quant(inputs, amax, self._num_bits, self._unsigned, self._narrow_range)
         return codes
 
+    def _check_onnx_readiness(self):
+        """Under ``enable_onnx_export()``: refuse what would export wrongly, say how to fix it."""
+        if self._disabled or not self._if_quant:
+            return
+        if not self.has_amax:
+            raise RuntimeError("ONNX export needs a calibrated quantizer, but this one has no amax "
+                               "(its range would be traced from the example input). Calibrate and "
+                               "load_calib_amax() first, or disable() this quantizer.")
+        if tq.is_fp8(self._num_bits) and self._amax.numel() != 1:
+            raise ValueError(f"FP8 E4M3 exports per tensor only, this quantizer has an amax of shape "
+                             f"{tuple(self._amax.shape)}; use axis=None for FP8 quantizers")
+        if self._if_calib:
+            warnings.warn("exporting a quantizer still in calibration mode; finish calibration "
+                          "(disable_calib()) for the graph to match", stacklevel=3)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self._enable_onnx_export:
+            self._check_onnx_readiness()
         if self._disabled:
             return inputs
         if self._if_calib:
