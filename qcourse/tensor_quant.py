@@ -11,6 +11,9 @@ the course onto NVIDIA's toolkit name for name:
   a float tensor, but only takes the values ``k * amax / max_bound``.
 * :func:`affine_tensor_quant` / :func:`fake_affine_tensor_quant` — the asymmetric
   (zero-point) mapping that lesson 1 compares with the symmetric one.
+* ``num_bits=(4, 3)`` — FP8 E4M3 instead of integers: amax maps to 448 and values round to
+  the nearest E4M3 number (:func:`scaled_e4m3` is the reference's name); it exports as
+  opset-19 ``QuantizeLinear`` to float8.
 
 Conventions (identical to TensorRT's and ONNX's ``QuantizeLinear``):
 

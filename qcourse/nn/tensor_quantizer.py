@@ -395,7 +395,7 @@ class TensorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         if self._disabled:
             return "disabled"
-        parts = [f"{self._num_bits}bit"]
+        parts = ["fp8-e4m3" if tq.is_fp8(self._num_bits) else f"{self._num_bits}bit"]
         if self._narrow_range:
             parts.append("narrow")
         if self._unsigned:
