@@ -1,0 +1,82 @@
+"""Lesson 8 — engines: build ONNX Runtime / TensorRT engines from exported ONNX, run and time them.
+
+One interface (:class:`Engine`: call it with a batch of images, get the model's outputs),
+two backends:
+
+* ``onnxruntime`` (:mod:`qcourse.engines.ort`, CPU, the embedded default): FP32, and INT8
+  from qcourse's TensorRT-style Q/DQ graph rewritten so ORT uses integer kernels
+  (:mod:`qcourse.engines.ort_int8` explains the rewrite and which steps are exact);
+* ``tensorrt`` (:mod:`qcourse.engines.trt`, TensorRT 10 on a CUDA GPU): FP32 / FP16 / INT8
+  from explicit Q/DQ, dynamic batch, timing cache, per-layer precision report.
+
+Timing lives in :mod:`qcourse.engines.bench`. Evaluating an engine's detections is the
+caller's job (the YOLO layer passes the engine to ``qcourse.yolo.evaluate.evaluate``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+from qcourse.engines.base import (BACKENDS, PRECISIONS, BackendUnavailable, Engine, EngineError, PathLike,
+                                  check_precision)
+from qcourse.engines.ort_int8 import strip_qdq, to_ort_int8
+
+__all__ = ["Engine", "EngineError", "BackendUnavailable", "BACKENDS", "PRECISIONS", "build_engine",
+           "load_engine", "available_backends", "to_ort_int8", "strip_qdq"]
+
+#: engine file suffix of each backend: how load_engine tells them apart
+SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".engine"}
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """``{backend: (usable, version or why not)}`` for this machine."""
+    import onnxruntime
+
+    from qcourse.engines import trt
+
+    return {"onnxruntime": (True, onnxruntime.__version__), "tensorrt": trt.available()}
+
+
+def build_engine(onnx_path: PathLike, out: PathLike, backend: str = "onnxruntime", precision: str = "int8",
+                 *, batch: Sequence[int] = (1, 8, 32), timing_cache: Optional[PathLike] = None,
+                 threads: Optional[int] = None) -> Engine:
+    """Build an engine from ``onnx_path``, save it to ``out`` and return it loaded.
+
+    Args:
+        onnx_path: a float ONNX (fp32 / fp16) or one exported with Q/DQ (int8; fp32 on
+            onnxruntime strips the Q/DQ pairs).
+        out: the engine file: ``.onnx`` for onnxruntime, ``.engine`` for tensorrt.
+        backend: ``"onnxruntime"`` or ``"tensorrt"``; precision: ``"fp32"``, ``"fp16"``, ``"int8"``.
+        batch: (min, opt, max) batch of TensorRT's optimization profile (ORT takes any).
+        timing_cache: TensorRT's timing cache file (default: next to ``out``).
+        threads: ORT intra-op threads of the returned engine (default: ORT's choice).
+    """
+    check_precision(backend, precision)
+    out = Path(out)
+    if out.suffix != SUFFIX[backend]:
+        raise EngineError(f"a {backend} engine file ends in {SUFFIX[backend]}, got {out}; "
+                          f"pass e.g. {out.with_suffix(SUFFIX[backend])}")
+    if backend == "tensorrt":
+        from qcourse.engines import trt
+
+        return trt.load(trt.build(onnx_path, out, precision, batch=batch, timing_cache=timing_cache))
+    from qcourse.engines import ort
+
+    return ort.load(ort.build(onnx_path, out, precision), threads=threads)
+
+
+def load_engine(path: PathLike, threads: Optional[int] = None) -> Engine:
+    """Load an engine file: ``.onnx`` with ONNX Runtime, ``.engine`` / ``.plan`` with TensorRT."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"engine file not found: {path}; build one with qcourse build "
+                                "(or qcourse.engines.build_engine)")
+    if path.suffix == ".onnx":
+        from qcourse.engines import ort
+
+        return ort.load(path, threads=threads)
+    if path.suffix in (".engine", ".plan"):
+        from qcourse.engines import trt
+
+        return trt.load(path)
+    raise EngineError(f"cannot tell the backend of {path}: pass an .onnx (onnxruntime) or .engine (tensorrt) file")

@@ -1,0 +1,127 @@
+"""Lesson 8 — the ONNX Runtime backend: the CPU engine the course runs everywhere.
+
+``build`` writes a plain ``.onnx`` any ``onnxruntime.InferenceSession`` loads without
+qcourse: ``fp32`` is the float graph (Q/DQ pairs removed from a quantized export, exactly
+the model it came from), ``int8`` the graph rewritten by :func:`qcourse.engines.ort_int8.to_ort_int8`
+so that ORT forms integer kernels. ORT's CPU provider has no FP16 convolutions, so ``fp16``
+is refused with the backend that has them. A small JSON record in the model's
+``metadata_props`` (key ``qcourse.engine``) says how it was built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from qcourse.engines.base import Engine, EngineError, PathLike, as_batch, shape_tuple
+from qcourse.export import load_onnx
+
+__all__ = ["OrtEngine", "build", "load", "session_options"]
+
+META_KEY = "qcourse.engine"
+
+
+def session_options(threads: Optional[int] = None):
+    """ORT options: all graph optimizations, ``threads`` intra-op threads, warnings off.
+
+    ORT logs warnings a learner cannot act on (e.g. about initializers it folded); level 3
+    keeps errors only.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
+def _has_qdq(model) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dtype: str = "uint8") -> Path:
+    """Write the ORT engine for ``precision`` built from ``onnx_path`` to ``out``; returns ``out``."""
+    import onnx
+
+    from qcourse.engines.ort_int8 import strip_qdq, to_ort_int8
+
+    if precision == "fp16":
+        raise EngineError("ONNX Runtime's CPU provider has no FP16 convolutions, so an fp16 engine would only be "
+                          "slower; build fp32 or int8 here, or fp16 with --backend tensorrt on a GPU")
+    model = load_onnx(onnx_path)
+    info: Dict[str, object] = {"backend": "onnxruntime", "precision": precision, "source": str(onnx_path)}
+    if precision == "int8":
+        model, counts = to_ort_int8(model, weight_dtype=weight_dtype)
+        info.update(counts, weight_dtype=weight_dtype)
+    elif _has_qdq(model):  # fp32 from a quantized export: the float model it came from
+        model = strip_qdq(model)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(info)
+    return _save_atomic(model, Path(out))
+
+
+def _save_atomic(model, out: Path) -> Path:
+    import onnx
+
+    if out.suffix != ".onnx":
+        raise EngineError(f"an onnxruntime engine is an .onnx file; name it e.g. {out.with_suffix('.onnx')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(out.parent))
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+class OrtEngine(Engine):
+    """An ONNX Runtime session behind the :class:`~qcourse.engines.base.Engine` interface."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: PathLike, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        model = load_onnx(self.path)  # clear errors for a missing or corrupt file
+        meta = {p.key: p.value for p in model.metadata_props}
+        info = json.loads(meta.get(META_KEY, "{}"))
+        self.precision = info.get("precision") or ("int8" if _has_qdq(model) else "fp32")
+        self.info = info
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's own errors (unsupported op, bad type) become one line
+            raise EngineError(f"ONNX Runtime cannot load {self.path}: {' '.join(str(e).split())[:300]}") from None
+        inp = self.session.get_inputs()
+        if len(inp) != 1:
+            raise EngineError(f"{self.path} has {len(inp)} inputs; an engine here takes one image batch")
+        self.input_name = inp[0].name
+        dims = shape_tuple(inp[0].shape)
+        self.batch_range = (dims[0], dims[0]) if dims[0] is not None else (1, None)
+        self.image_shape = dims[1:]
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, images) -> Dict[str, np.ndarray]:
+        x = as_batch(images)
+        self.check_batch(x)
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: x})))
+
+    def __call__(self, images) -> np.ndarray:
+        x = as_batch(images)  # only the first output: ORT skips nothing, but no dict is built
+        self.check_batch(x)
+        return self.session.run(self.output_names[:1], {self.input_name: x})[0]
+
+
+def load(path: PathLike, threads: Optional[int] = None) -> OrtEngine:
+    return OrtEngine(path, threads=threads)
