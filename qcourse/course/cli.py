@@ -120,6 +120,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_ptq(args) -> int:
+    from qcourse.ptq import METHODS
+    from qcourse.yolo.ptq import PTQConfig, run_ptq
+
+    methods = METHODS if args.method == "all" else (args.method,)
+    config = PTQConfig(weights=args.weights, coco=args.coco, img_size=args.img_size, batch_size=args.batch_size,
+                       calib_batches=args.calib_batches, methods=methods,
+                       ignore=tuple(args.ignore) if args.ignore else None, rules=not args.no_rules,
+                       eval_batches=args.eval_batches, device=str(args.device), out=Path(args.out),
+                       progress=sys.stderr.isatty())
+    res = run_ptq(config)
+    print(f"\n{'model':12s} {'mAP@0.5:0.95':>12s} {'mAP@0.5':>8s}  ONNX")
+    print(f"{'fp32':12s} {res['fp32']['map']:12.4f} {res['fp32']['map50']:8.4f}  {res['fp32']['onnx']}")
+    for method, row in res["int8"].items():
+        print(f"{'int8 ' + method:12s} {row['map']:12.4f} {row['map50']:8.4f}  {row['onnx']}, {row['checkpoint']}")
+    print(f"{res['quantizers']} quantizers, {len(res['tied_groups'])} tied groups, {len(res['ignored'])} layers "
+          f"left in float; results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
 # ------------------------------------------------------------------ option types
 # argparse calls these on the text of an option; an ArgumentTypeError becomes the one-line
 # "qcourse: error: argument --epochs: ..." before anything slow has started.
@@ -280,6 +300,50 @@ def _add_eval(sub):
     p.set_defaults(fn=_cmd_eval)
 
 
+def _add_ptq(sub):
+    import re
+
+    def regex(text: str) -> str:  # checked here; "matches no layer" is checked against the model
+        try:
+            re.compile(text)
+        except re.error as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e}); "
+                                             "escape dots as \\. e.g. 'model\\.77\\.m\\..*'") from None
+        return text
+
+    p = sub.add_parser(
+        "ptq", help="post-training quantization of YOLOv7(-tiny): FP32 vs each calibration method (lesson 5)",
+        description="Fuse the model, insert Q/DQ (TensorRT's placement rules applied), calibrate on training "
+                    "images, then for each method: evaluate mAP, export INT8 ONNX, save a calibrated checkpoint "
+                    "and check the ONNX file in ONNX Runtime. Writes OUT/results.json last.")
+    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
+                   help="yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
+                        "data/yolov7_tiny_shapes.pt)")
+    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
+                   default=None, help="COCO root: calibration on train2017, evaluation on val2017 (default: the "
+                                      "synthetic shapes dataset, its train and val splits)")
+    p.add_argument("--img-size", type=_img_size, default=None,
+                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="images per batch, for calibration and evaluation (default: %(default)s)")
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=8,
+                   help="training batches the calibrators see, exactly (default: %(default)s)")
+    p.add_argument("--method", default="all", choices=["max", "entropy", "mse", "percentile", "all"],
+                   help="how amax is chosen from the statistics; all compares the four (default: %(default)s)")
+    p.add_argument("--ignore", type=regex, action="append", default=None, metavar="REGEX",
+                   help="layers to leave in float, matched from the start of the name (repeatable; replaces "
+                        "the default, the detection head's convs such as 'model\\.77\\.m\\..*')")
+    p.add_argument("--no-rules", action="store_true",
+                   help="do not tie quantizers around Concat/MaxPool (TensorRT then needs reformat layers)")
+    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N validation batches, for a quick look (default: all)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--out", default="runs/ptq",
+                   help="folder for results.json, the ONNX files and the INT8 checkpoints (default: %(default)s)")
+    p.set_defaults(fn=_cmd_ptq)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qcourse", description="INT8 quantization for TensorRT, the course.",
                  epilog="`qcourse COMMAND --help` explains a command's options. An error prints one line; "
@@ -289,7 +353,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="show the full traceback of an error instead of one line (also: QCOURSE_DEBUG=1)")
     ap.set_defaults(fn=None)
     sub = ap.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_course, _add_demo, _add_train, _add_eval):
+    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq):
         add(sub)
     sub.add_parser("info", help="versions and available engines").set_defaults(fn=_cmd_info)
     return ap

@@ -1071,7 +1071,30 @@ def _is_state_dict(x) -> bool:
 def _model_from_object(obj, source: str) -> Model:
     if isinstance(obj, dict) and type(obj.get("format")) is str and obj["format"] == FORMAT:
         return _from_qcourse(obj, source)
+    if isinstance(obj, dict) and obj.get("format") == QUANTIZED_FORMAT:
+        # its weights alone would evaluate as FP32 under an INT8 name: refuse, say what loads it
+        raise CheckpointError(
+            f"{source} is a calibrated INT8 checkpoint written by `qcourse ptq`; load it with "
+            "qcourse.yolo.ptq.load_quantized (it restores the quantizers and their amax)"
+        )
     return _from_official(obj, source)
+
+
+#: the format tag of calibrated quantized checkpoints (:mod:`qcourse.yolo.ptq`): a qcourse
+#: checkpoint dict (float weights) plus a ``quantization`` entry of plain data and tensors
+QUANTIZED_FORMAT = "qcourse.yolo.ptq"
+
+
+def float_model_from_checkpoint(obj: dict, source: str) -> Model:
+    """The float model inside a qcourse or quantized checkpoint dict from :func:`read_checkpoint`.
+
+    Used by :func:`qcourse.yolo.ptq.load_quantized`, which then restores the quantizers; the
+    configuration and every tensor are checked as for :func:`load_checkpoint`.
+    """
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, QUANTIZED_FORMAT):
+        raise CheckpointError(f"{source} is not a qcourse checkpoint (no format tag {FORMAT!r})")
+    model = _from_qcourse(obj, source)
+    return model.float().eval()
 
 
 def _detect(sd, source):

@@ -1,0 +1,182 @@
+"""qcourse.yolo.ptq and `qcourse ptq`: YOLOv7 PTQ with TensorRT's placement rules (lesson 5).
+
+The expected tied groups below were written by reading the layer lists in
+qcourse/yolo/models/configs.py (which layer reads which), not by printing the rules' output:
+for every Concat, its major is the first conv reading it and the tied ones are the other
+convs reading it and the convs reading one of its inputs; for every MP whose output a conv
+reads first, the convs reading the MP's input are tied to that conv.
+"""
+import json
+
+import pytest
+import torch
+
+from qcourse import ptq, workflow
+from qcourse.course.cli import main
+from qcourse.export import export_onnx
+from qcourse.yolo import models
+from qcourse.yolo import ptq as yptq
+from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
+
+
+def _c(*layers):
+    return [f"model.{i}.conv" for i in layers]
+
+
+# YOLOv7-tiny: ELAN concats 6/13/20/27 (inputs: the two 1x1 branches and two 3x3 convs), MP 15
+# and 22 whose inputs 14 and 21 also feed the routes 50 and 40, the head concats 41/51/59/67
+# read by two convs each, and 59/67 also read 47/37, which 48/38 read too. The SPP concat 34
+# and concat 36 have no conv reading their inputs; MP 8's input (7) feeds nothing else.
+TINY = {
+    "model.7.conv": _c(4, 5), "model.14.conv": _c(11, 12), "model.16.conv": _c(50),
+    "model.21.conv": _c(18, 19), "model.23.conv": _c(40), "model.28.conv": _c(25, 26),
+    "model.42.conv": _c(43), "model.47.conv": _c(44, 45), "model.52.conv": _c(53),
+    "model.57.conv": _c(54, 55), "model.60.conv": _c(48, 61), "model.65.conv": _c(62, 63),
+    "model.68.conv": _c(38, 69), "model.73.conv": _c(70, 71),
+}
+
+# YOLOv7 (fused): the course's 20 groups, e.g. model.6 and model.8 to model.11, model.14 to model.13.
+YOLOV7 = {
+    "model.11.conv": _c(6, 8), "model.13.conv": _c(14), "model.17.conv": _c(18), "model.24.conv": _c(19, 21),
+    "model.26.conv": _c(27, 66), "model.30.conv": _c(31), "model.37.conv": _c(32, 34),
+    "model.39.conv": _c(40, 54), "model.43.conv": _c(44), "model.50.conv": _c(45, 47), "model.56.conv": _c(57),
+    "model.63.conv": _c(58, 59, 60, 61), "model.68.conv": _c(69), "model.75.conv": _c(70, 71, 72, 73),
+    "model.77.conv": _c(78) + ["model.102.rbr_reparam"], "model.81.conv": _c(64, 82),
+    "model.88.conv": _c(83, 84, 85, 86), "model.90.conv": _c(91) + ["model.103.rbr_reparam"],
+    "model.94.conv": _c(52, 95), "model.101.conv": _c(96, 97, 98, 99),
+}
+
+
+def _quantized(arch, fuse):
+    torch.manual_seed(0)
+    m = models.build_model(models.get_config(arch, 6)).eval()
+    if fuse:
+        m.fuse()
+    return yptq.quantize(m)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_rules_on_yolov7_tiny_tie_the_groups_of_its_config(fuse):
+    qm, info = _quantized("yolov7-tiny", fuse)
+    assert info["groups"] == TINY
+    assert info["ignored"] == ["model.77.m.0", "model.77.m.1", "model.77.m.2"]
+    for major, tied in TINY.items():
+        q = qm.get_submodule(major)._input_quantizer
+        assert all(qm.get_submodule(n)._input_quantizer is q for n in tied)
+
+
+def test_rules_on_yolov7_tie_the_courses_20_groups():
+    qm, info = _quantized("yolov7", fuse=True)
+    assert info["groups"] == YOLOV7 and len(YOLOV7) == 20
+    assert info["ignore"] == [r"model\.105\.m\..*"]
+
+
+def test_rules_on_unfused_yolov7_tie_both_repconv_branches():
+    _, info = _quantized("yolov7", fuse=False)
+    assert info["groups"]["model.77.conv"] == _c(78) + ["model.102.rbr_1x1.0", "model.102.rbr_dense.0"]
+
+
+# ----------------------------------------------------------------------------- on the default
+@pytest.fixture(scope="module")
+def data():
+    root = ensure_default_dataset(progress=False)
+    calib = create_dataloader(root, "train", img_size=160, batch_size=8, shuffle=False)
+    val = create_dataloader(root, "val", img_size=160, batch_size=8)
+    return calib, val
+
+
+@pytest.fixture(scope="module")
+def calibrated(data):
+    """The default model, quantized with and without rules, calibrated on 2 batches (percentile)."""
+    out = {}
+    for rules in (True, False):
+        qm, _ = yptq.quantize(yptq.load_float_model(), rules=rules)
+        ptq.calibrate(qm, data[0], 2, progress=False)
+        ptq.load_amax(qm, "percentile")
+        out[rules] = qm
+    return out
+
+
+def test_checker_finds_mismatches_without_rules_and_none_with(calibrated, tmp_path):
+    x = torch.zeros(1, 3, 160, 160)
+    with_rules = ptq.check_qdq_placement(export_onnx(calibrated[True], x, tmp_path / "rules.onnx"))
+    without = ptq.check_qdq_placement(export_onnx(calibrated[False], x, tmp_path / "norules.onnx"))
+    assert with_rules == []
+    # every group of TINY comes from one Concat or one MaxPool. Untied, each differs except
+    # concats 41 and 51, whose only quantized neighbours (42/43, 52/53) read the very same
+    # tensor: identical statistics give identical amax even without a tie
+    names = sorted(p.split()[1].rstrip(":") for p in without)
+    expected = [f"/model.{i}/Concat" for i in (6, 13, 20, 27, 46, 56, 59, 64, 67, 72)]
+    assert names == sorted(expected + ["/model.15/m/MaxPool", "/model.22/m/MaxPool"])
+
+
+def test_calibrated_checkpoint_reloads_with_identical_outputs(calibrated, data, tmp_path):
+    qm = calibrated[True]
+    path = yptq.save_quantized(qm, tmp_path / "int8.pt", method="percentile")
+    plain = torch.load(path, weights_only=True)  # plain tensors and data: no code
+    assert plain["format"] == "qcourse.yolo.ptq" and plain["meta"]["method"] == "percentile"
+    back = yptq.load_quantized(path)
+    x = next(iter(data[1]))[0]
+    with torch.no_grad():
+        assert torch.equal(qm(x)[0], back(x)[0])
+    assert sorted(map(sorted, ptq.shared_input_quantizers(back))) == sorted(map(sorted, ptq.shared_input_quantizers(qm)))
+    amax = {k: v for k, v in back.state_dict().items() if k.endswith("_amax")}
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in amax.items()) and len(amax) == 110
+    with pytest.raises(models.CheckpointError, match="load it with qcourse.yolo.ptq.load_quantized"):
+        models.load_checkpoint(path)
+
+
+def test_int8_onnx_in_onnx_runtime_agrees_with_pytorch(calibrated, data, tmp_path):
+    qm = calibrated[True]
+    path = export_onnx(qm, torch.zeros(1, 3, 160, 160), tmp_path / "int8.onnx")
+    r = yptq.ort_agreement(qm, path, data[1], batches=2)
+    assert r["images"] == 16 and r["detections"] > 20
+    # same detections up to rounding ties: at most one PyTorch detection in 20 without a partner
+    assert r["matched"] >= 0.95 and r["ort_only"] <= 0.05 * r["detections"]
+
+
+# ----------------------------------------------------------------------------- the command
+def test_cli_runs_end_to_end_on_a_small_slice(tmp_path, capsys):
+    out = tmp_path / "ptq"
+    rc = main(["ptq", "--calib-batches", "1", "--eval-batches", "1", "--batch-size", "8",
+               "--method", "entropy", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["img_size"] == 160 and res["calib_batches"] == 1 and res["rules"] is True
+    assert res["ignored"] == ["model.77.m.0", "model.77.m.1", "model.77.m.2"]
+    assert set(res["int8"]) == {"entropy"} and res["int8"]["entropy"]["placement_problems"] == 0
+    for f in (res["fp32"]["onnx"], res["int8"]["entropy"]["onnx"], res["int8"]["entropy"]["checkpoint"]):
+        assert (out / f).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["fp32.onnx", "int8_entropy.onnx", "int8_entropy.pt",
+                                                     "results.json"]  # no staging folder left
+    assert 0 <= res["int8"]["entropy"]["map"] <= 1 and "int8 entropy" in capsys.readouterr().out
+
+
+def _bad_inputs(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    no_images = tmp_path / "coco_empty"
+    (no_images / "annotations").mkdir(parents=True)
+    no_ann = tmp_path / "coco_noann"
+    (no_ann / "train2017").mkdir(parents=True)
+    (no_ann / "val2017").mkdir()
+    return [
+        (["--weights", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+        (["--weights", str(corrupt)], "is not a readable PyTorch checkpoint"),
+        (["--coco", str(no_images)], "no image folder for split 'train2017'"),
+        (["--coco", str(no_ann)], "instances_train2017.json"),
+        (["--ignore", "model\\.77\\.(m"], "not a valid regular expression"),
+        (["--ignore", "backbone\\..*"], "matches no quantizable layer"),
+        (["--method", "kl"], "invalid choice: 'kl'"),
+        (["--calib-batches", "0"], "0 is too small"),
+    ]
+
+
+def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
+    for args, message in _bad_inputs(tmp_path):
+        out = tmp_path / "out"
+        rc = main(["ptq", *args, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert err.startswith("qcourse: error:") and err.count("\n") == 1 and message in err, (args, err)
+        assert not (out / "results.json").exists()
