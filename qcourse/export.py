@@ -33,15 +33,21 @@ from qcourse.nn import TensorQuantizer
 __all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
 
 
-def check_exportable(model: nn.Module) -> List[str]:
-    """Names of enabled quantizers that cannot be exported (no amax / not 8-bit), with reasons."""
+def check_exportable(model: nn.Module, opset: int = 13) -> List[str]:
+    """Names of enabled quantizers that cannot be exported at ``opset``, with reasons.
+
+    ONNX QuantizeLinear holds 8-bit integer codes from opset 13, and FP8 E4M3
+    (``num_bits=(4, 3)``) from opset 19.
+    """
     problems = []
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer) and m.is_enabled and m.is_quant_enabled:
             if not m.has_amax:
                 problems.append(f"{name}: no amax (calibrate it, or disable it)")
-            elif m.num_bits != 8:
-                problems.append(f"{name}: num_bits={m.num_bits} (ONNX Q/DQ is 8-bit)")
+            elif m.num_bits == (4, 3) and opset < 19:
+                problems.append(f"{name}: FP8 E4M3 needs opset >= 19, got {opset} (pass opset=19)")
+            elif m.num_bits not in (8, (4, 3)):
+                problems.append(f"{name}: num_bits={m.num_bits} (ONNX Q/DQ is 8-bit integer or FP8 E4M3)")
             elif not m.fake_quant:
                 problems.append(f"{name}: fake_quant=False (export needs fake quantization)")
     return problems
@@ -71,7 +77,7 @@ def export_onnx(model: nn.Module, example: Union[torch.Tensor, Sequence[torch.Te
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13 (per-channel QuantizeLinear), got {opset!r}")
-    problems = check_exportable(model)
+    problems = check_exportable(model, opset)
     if problems:
         raise RuntimeError("cannot export these quantizers:\n  " + "\n  ".join(problems))
     args = (example,) if isinstance(example, torch.Tensor) else tuple(example)

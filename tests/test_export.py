@@ -150,3 +150,13 @@ def test_shared_quantizer_scale_is_listed_for_every_use(tmp_path):
     for r in rows:
         np.testing.assert_array_equal(r["scale"], np.float32(2.54) / np.float32(127))
     np.testing.assert_array_equal(add(a, b).numpy(), run_ort(path, a, b)[0])
+
+
+def test_fp8_quantizer_exports_at_opset_19_only(tmp_path):
+    m = One(QuantDescriptor(num_bits=(4, 3), amax=2.0))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="opset >= 19"):
+        export_onnx(m, x, tmp_path / "fp8_13.onnx")
+    path = export_onnx(m, x, tmp_path / "fp8.onnx", opset=19)
+    (theirs,) = run_ort(path, x)
+    np.testing.assert_array_equal(m(x).numpy(), theirs)   # ONNX Runtime's float8 Q/DQ is the oracle
