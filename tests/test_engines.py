@@ -72,7 +72,7 @@ def test_exact_rewrites_keep_outputs_identical(tiny):
     qdq = onnx.load(tiny["qdq"])
     for weight_dtype in ("uint8", "int8"):
         exact, info = to_ort_int8(qdq, exact_only=True, weight_dtype=weight_dtype)
-        assert info["convs"] == 0
+        assert info["convs"] == 0 and info["weight_dtype"] == weight_dtype
         np.testing.assert_array_equal(_run(exact, tiny["x"]), _run(qdq, tiny["x"]))
 
 
@@ -83,9 +83,9 @@ def test_strip_qdq_gives_back_the_float_model(tiny):
 
 
 def test_int8_graph_runs_integer_kernels(tiny, tmp_path):
-    model, info = to_ort_int8(onnx.load(tiny["qdq"]))
+    model, info = to_ort_int8(onnx.load(tiny["qdq"]), weight_dtype="uint8")
     # c1..c3 integer; c4 feeds the float head, whose input must stay unrounded: float too
-    assert info == {"convs": 3, "float_convs": 2}
+    assert info == {"convs": 3, "float_convs": 2, "weight_dtype": "uint8"}
     so = session_options(1)
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -97,7 +97,8 @@ def test_integer_kernels_agree_with_the_reference_kernels(tiny):
     # the same rewritten graph, ORT's integer kernels vs its float reference kernels (no
     # fusion): they differ only where requantization rounds a tie the other way (float32
     # multiplier vs float division), i.e. by at most one output code of the last layer
-    model, _ = to_ort_int8(onnx.load(tiny["qdq"]))
+    # uint8 weights: kernels that never saturate (int8 weights may, on CPUs without VNNI)
+    model, _ = to_ort_int8(onnx.load(tiny["qdq"]), weight_dtype="uint8")
     fast, ref = _run(model, tiny["x"]), _run(model, tiny["x"], optimize=False)
     scale = max(q["scale"].max() for q in export.list_qdq_nodes(tiny["qdq"]) if q["axis"] is None)
     head_gain = np.abs(onnx.numpy_helper.to_array(
@@ -171,7 +172,7 @@ def test_fixed_batch_engine_refuses_other_batches(tmp_path):
 
 
 def test_weight_dtype_checked():
-    with pytest.raises(ValueError, match="weight_dtype must be 'uint8' or 'int8', got 'int4'"):
+    with pytest.raises(ValueError, match="weight_dtype must be 'auto', 'uint8' or 'int8', got 'int4'"):
         to_ort_int8(onnx.ModelProto(), weight_dtype="int4")
 
 

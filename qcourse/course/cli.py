@@ -4,6 +4,8 @@
     qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
     qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
     qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
+    qcourse build  [--onnx F --precision P]  an ONNX Runtime / TensorRT engine (default: the default model, int8)
+    qcourse bench  --engine G [--engine H]   latency, throughput and mAP of engines, side by side
     qcourse info                           versions, and whether TensorRT/CUDA are usable
 
 A mistake the user can fix (a bad value, a missing file, a run folder made with other
@@ -344,6 +346,104 @@ def _add_ptq(sub):
     p.set_defaults(fn=_cmd_ptq)
 
 
+# ------------------------------------------------------------------ engines (lesson 8)
+def _cmd_build(args) -> int:
+    from qcourse.engines import build_engine
+
+    out = Path(args.out or f"runs/engines/{args.backend}_{args.precision}"
+                           f"{'.engine' if args.backend == 'tensorrt' else '.onnx'}")
+    onnx_path = args.onnx
+    if onnx_path is None:  # the embedded default: export it first, next to the engine
+        from qcourse.yolo.engines import export_default_onnx
+
+        files = export_default_onnx(out.parent, calib_batches=args.calib_batches)
+        onnx_path = files["qdq" if args.precision == "int8" else "fp32"]
+        print(f"exported the default YOLOv7-tiny to {files['fp32']} and {files['qdq']} (Q/DQ, "
+              f"{args.calib_batches} calibration batches)")
+    t0 = time.perf_counter()
+    engine = build_engine(onnx_path, out, backend=args.backend, precision=args.precision, batch=args.batch)
+    extra = getattr(engine, "info", {})
+    done = f"; {extra['convs']} Convs run integer kernels, {extra['float_convs']} float" if "convs" in extra else ""
+    print(f"built {engine.describe()} from {onnx_path} in {time.perf_counter() - t0:.1f} s{done}")
+    return 0
+
+
+def _bench_table(results, maps, machine: str) -> str:
+    lines = [f"machine: {machine}", "engine | batch | latency ms median | p90 | p99 | images/s | mAP@0.5:0.95"]
+    for name, per_batch in results.items():
+        for b, r in per_batch.items():
+            m = maps.get(name)
+            lines.append(f"{name} | {b} | {r['latency_ms_median']:.2f} | {r['latency_ms_p90']:.2f} | "
+                         f"{r['latency_ms_p99']:.2f} | {r['throughput_img_s']:.1f} | "
+                         f"{'-' if m is None else f'{m:.4f}'}")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from qcourse.engines import load_engine
+    from qcourse.engines.bench import benchmark, machine_line
+
+    engines = {}
+    for path in args.engine:
+        engine = load_engine(path, threads=args.threads)
+        engines[f"{path.name} ({engine.backend} {engine.precision})"] = engine
+    shape = next(iter(engines.values())).image_shape
+    if None in shape:
+        raise ValueError(f"{args.engine[0]} has a free input size {shape}; bench needs engines built for one "
+                         "image size (export with a fixed size)")
+    results = benchmark(engines, args.batch, args.iterations, warmup=args.warmup, shape=shape)
+    maps = {}
+    if not args.no_map:  # the detections of each engine, scored like any model
+        from qcourse.yolo.engines import evaluate_engine
+
+        maps = {name: evaluate_engine(engine)["map"] for name, engine in engines.items()}
+    machine = machine_line() + f", {args.threads} threads"
+    print(_bench_table(results, maps, machine))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "results": results, "map": maps}, indent=1))
+        from qcourse.course.plots.engines import plot_engine_benchmark
+
+        png = args.json.with_suffix(".png")
+        plot_engine_benchmark(results, maps, title=machine).savefig(png)
+        print(f"wrote {args.json} and {png}")
+    return 0
+
+
+def _add_build(sub):
+    p = sub.add_parser("build", help="build an ONNX Runtime or TensorRT engine from an ONNX file (lesson 8)",
+                       description="Build an engine. Without --onnx, the embedded default YOLOv7-tiny is "
+                                   "calibrated and exported first (fp32.onnx and qdq.onnx next to --out).")
+    p.add_argument("--onnx", type=_existing("file", "an ONNX file (float, or exported with Q/DQ for int8)"),
+                   default=None, help="the ONNX file (default: export the embedded default model)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (CPU, writes .onnx) or tensorrt (GPU, writes .engine) (default: %(default)s)")
+    p.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"],
+                   help="int8 needs a Q/DQ ONNX; fp16 needs tensorrt (default: %(default)s)")
+    p.add_argument("--out", default=None, help="engine file (default: runs/engines/BACKEND_PRECISION.onnx|.engine)")
+    p.add_argument("--batch", type=_int_at_least(1), nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"),
+                   help="TensorRT's dynamic-batch profile (default: 1 8 32; ONNX Runtime takes any batch)")
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=4,
+                   help="train batches of 32 images that calibrate the default model (default: %(default)s)")
+    p.set_defaults(fn=_cmd_build)
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="latency, throughput and mAP of engines, side by side (lesson 8)")
+    p.add_argument("--engine", type=_existing("file", "an engine file built by qcourse build"), action="append",
+                   required=True, help="an engine file (.onnx or .engine); repeat to compare several")
+    p.add_argument("--batch", type=_int_at_least(1), nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--iterations", type=_int_at_least(1), default=50,
+                   help="timed calls per engine and batch size, taking turns (default: %(default)s)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--threads", type=_int_at_least(1), default=2, help="ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--no-map", action="store_true", help="skip the mAP of each engine on the val split")
+    p.add_argument("--json", type=Path, default=None, help="write the results here, and a PNG chart next to it")
+    p.set_defaults(fn=_cmd_bench)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qcourse", description="INT8 quantization for TensorRT, the course.",
                  epilog="`qcourse COMMAND --help` explains a command's options. An error prints one line; "
@@ -353,7 +453,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="show the full traceback of an error instead of one line (also: QCOURSE_DEBUG=1)")
     ap.set_defaults(fn=None)
     sub = ap.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq):
+    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq, _add_build, _add_bench):
         add(sub)
     sub.add_parser("info", help="versions and available engines").set_defaults(fn=_cmd_info)
     return ap

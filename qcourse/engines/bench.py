@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -44,14 +44,14 @@ def summarize(times: np.ndarray, batch: int) -> Dict[str, float]:
 
 
 def benchmark(engines: Dict[str, Callable], batches: Sequence[int], iterations: int, warmup: int = 3,
-              shape=(3, 160, 160), rounds: int = 3) -> Dict[str, Dict[int, Dict[str, float]]]:
+              shape=(3, 160, 160), rounds: Optional[int] = None) -> Dict[str, Dict[int, Dict[str, float]]]:
     """Time every engine at every batch size, side by side.
 
-    The engines take turns in ``rounds`` rounds of ``iterations / rounds`` calls each, so a
-    burst of load on a shared machine hits them all instead of one. Returns
-    ``{name: {batch: summary}}``.
+    The engines take turns in ``rounds`` rounds of ``iterations / rounds`` calls each
+    (default: one call per turn), so a burst of load on a shared machine hits them all
+    instead of one. Returns ``{name: {batch: summary}}``.
     """
-    rounds = max(1, min(rounds, iterations))
+    rounds = max(1, min(rounds or iterations, iterations))
     per_round = max(1, iterations // rounds)
     out = {name: {} for name in engines}
     for b in batches:

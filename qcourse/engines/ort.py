@@ -46,7 +46,7 @@ def _has_qdq(model) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dtype: str = "uint8") -> Path:
+def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dtype: str = "auto") -> Path:
     """Write the ORT engine for ``precision`` built from ``onnx_path`` to ``out``; returns ``out``."""
     import onnx
 
@@ -59,7 +59,7 @@ def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dt
     info: Dict[str, object] = {"backend": "onnxruntime", "precision": precision, "source": str(onnx_path)}
     if precision == "int8":
         model, counts = to_ort_int8(model, weight_dtype=weight_dtype)
-        info.update(counts, weight_dtype=weight_dtype)
+        info.update(counts)
     elif _has_qdq(model):  # fp32 from a quantized export: the float model it came from
         model = strip_qdq(model)
     entry = model.metadata_props.add()

@@ -45,7 +45,7 @@ import numpy as np
 
 from qcourse.engines.base import EngineError
 
-__all__ = ["to_ort_int8", "strip_qdq", "qdq_summary"]
+__all__ = ["to_ort_int8", "strip_qdq", "qdq_summary", "cpu_has_vnni"]
 
 #: ops through which a per-tensor quantization commutes exactly (max, copy, select)
 _TRANSPARENT = ("Concat", "MaxPool", "Resize")
@@ -412,22 +412,35 @@ def _prune(graph: _Graph) -> None:
     graph.refresh()
 
 
-def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "uint8"):
+def cpu_has_vnni() -> bool:
+    """True where the CPU has AVX-VNNI / AVX512-VNNI (ORT's uint8 x int8 kernels then add in 32 bits)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:  # not Linux: assume the worst, the exact kernels are chosen
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & set(flags))
+
+
+def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto"):
     """A copy of the Q/DQ ``onnx.ModelProto`` that ONNX Runtime runs with QLinearConv (see module doc).
 
-    ``weight_dtype="uint8"`` (default) stores the int8 weight codes shifted to uint8/zero
-    point 128 (the same values), so ORT uses its uint8 x uint8 kernels, which never
-    saturate; ``"int8"`` keeps int8 weights: ORT's faster uint8 x int8 kernels, which on
-    CPUs without AVX-VNNI add product pairs in 16 bits and can saturate (see
-    ``_weights_to_uint8``).
+    ``weight_dtype="uint8"`` stores the int8 weight codes shifted to uint8/zero point 128
+    (the same values), so ORT uses its uint8 x uint8 kernels, which never saturate;
+    ``"int8"`` keeps int8 weights: ORT's faster uint8 x int8 kernels, which on CPUs
+    without VNNI add product pairs in 16 bits and can saturate (see ``_weights_to_uint8``);
+    ``"auto"`` (default) picks ``"int8"`` where this CPU has VNNI, else ``"uint8"``.
 
     Returns ``(model, info)`` where ``info`` counts what was rewritten: ``convs`` (Convs
-    with a quantized output, i.e. integer kernels), ``float_convs`` (the rest).
+    with a quantized output, i.e. integer kernels), ``float_convs`` (the rest), and says
+    the ``weight_dtype`` used.
     """
     import onnx
 
-    if weight_dtype not in ("uint8", "int8"):
-        raise ValueError(f"weight_dtype must be 'uint8' or 'int8', got {weight_dtype!r}")
+    if weight_dtype not in ("auto", "uint8", "int8"):
+        raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}")
+    if weight_dtype == "auto":
+        weight_dtype = "int8" if cpu_has_vnni() else "uint8"
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = _Graph(model)
     if not any(n.op_type == "QuantizeLinear" for n in graph.g.node):
@@ -445,7 +458,7 @@ def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "uint8"):
     _prune(graph)
     convs = sum(n.op_type == "Conv" for n in graph.g.node)
     onnx.checker.check_model(model)
-    return model, {"convs": done, "float_convs": convs - done}
+    return model, {"convs": done, "float_convs": convs - done, "weight_dtype": weight_dtype}
 
 
 def strip_qdq(model):

@@ -1,0 +1,63 @@
+"""Lesson 8 — the YOLOv7 side of engines: the default model's ONNX files, and engine mAP.
+
+:mod:`qcourse.engines` knows nothing about YOLOv7; this module feeds it the embedded
+default (the fused YOLOv7-tiny checkpoint, calibrated on training images, detection head
+``model.77.m`` left in float as NVIDIA leaves ``model.105``) and scores an engine's
+detections with :func:`qcourse.yolo.evaluate.evaluate` like any model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from qcourse import export, workflow
+from qcourse.yolo import default_checkpoint, models
+from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
+from qcourse.yolo.evaluate import evaluate
+
+__all__ = ["HEAD_IGNORE", "default_models", "export_default_onnx", "evaluate_engine"]
+
+#: the detection head's convs stay float: boxes in pixels and scores share no good scale
+HEAD_IGNORE = (r"model\.77\.m\..*",)
+
+
+def default_models(calib_batches: int = 4, method: str = "max", img_size: int = 160, batch_size: int = 32,
+                   root=None):
+    """``(fp32, fake_quant)``: the fused default checkpoint and its calibrated quantized copy.
+
+    Calibration reads ``calib_batches`` batches of the train split (max calibration by
+    default: the scales the exported ONNX and both engines then share).
+    """
+    torch.manual_seed(0)
+    fp32 = models.load_checkpoint(default_checkpoint()).fuse().eval()
+    root = root or ensure_default_dataset(progress=False)
+    loader = create_dataloader(root, "train", img_size=img_size, batch_size=batch_size)
+    fq = workflow.quantized_copy(fp32, loader, method=method, ignore=list(HEAD_IGNORE), num_batches=calib_batches)
+    return fp32, fq
+
+
+def export_default_onnx(out_dir: Union[str, Path], img_size: int = 160, **calib) -> Dict[str, Path]:
+    """Export the default model to ``out_dir/fp32.onnx`` and ``out_dir/qdq.onnx`` (dynamic batch).
+
+    ``qdq.onnx`` is the TensorRT-style graph (Q/DQ on conv inputs and weights), what
+    ``qcourse build`` turns into INT8 engines. Returns ``{"fp32": path, "qdq": path, "models": (fp32, fq)}``.
+    """
+    out_dir = Path(out_dir)
+    fp32, fq = default_models(img_size=img_size, **calib)
+    example = torch.zeros(1, 3, img_size, img_size)
+    return {"fp32": export.export_onnx(fp32, example, out_dir / "fp32.onnx"),
+            "qdq": export.export_onnx(fq, example, out_dir / "qdq.onnx"), "models": (fp32, fq)}
+
+
+def evaluate_engine(engine, img_size: Optional[int] = None, batch_size: int = 32, root=None, split: str = "val",
+                    max_batches: Optional[int] = None) -> Dict[str, object]:
+    """COCO mAP of an engine's (or any callable's) detections on the default dataset's ``split``.
+
+    ``img_size`` defaults to the engine's input height (160 for the default model).
+    """
+    size = img_size or (getattr(engine, "image_shape", (None, None))[1]) or 160
+    root = root or ensure_default_dataset(progress=False)
+    loader = create_dataloader(root, split, img_size=int(size), batch_size=batch_size)
+    return evaluate(engine, loader, progress=False, max_batches=max_batches)
