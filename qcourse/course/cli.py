@@ -133,10 +133,10 @@ def _cmd_ptq(args) -> int:
                        eval_batches=args.eval_batches, device=str(args.device), out=Path(args.out),
                        progress=sys.stderr.isatty())
     res = run_ptq(config)
-    print(f"\n{'model':12s} {'mAP@0.5:0.95':>12s} {'mAP@0.5':>8s}  ONNX")
-    print(f"{'fp32':12s} {res['fp32']['map']:12.4f} {res['fp32']['map50']:8.4f}  {res['fp32']['onnx']}")
+    print(f"\n{'model':16s} {'mAP@0.5:0.95':>12s} {'mAP@0.5':>8s}  ONNX")
+    print(f"{'fp32':16s} {res['fp32']['map']:12.4f} {res['fp32']['map50']:8.4f}  {res['fp32']['onnx']}")
     for method, row in res["int8"].items():
-        print(f"{'int8 ' + method:12s} {row['map']:12.4f} {row['map50']:8.4f}  {row['onnx']}, {row['checkpoint']}")
+        print(f"{'int8 ' + method:16s} {row['map']:12.4f} {row['map50']:8.4f}  {row['onnx']}, {row['checkpoint']}")
     print(f"{res['quantizers']} quantizers, {len(res['tied_groups'])} tied groups, {len(res['ignored'])} layers "
           f"left in float; results: {Path(args.out) / 'results.json'}")
     return 0
@@ -444,6 +444,99 @@ def _add_bench(sub):
     p.set_defaults(fn=_cmd_bench)
 
 
+# ------------------------------------------------------------------ sensitivity (lesson 6)
+def _cmd_sensitivity(args) -> int:
+    from qcourse.yolo.sensitivity import SensitivityConfig, run_sensitivity
+
+    out = Path(args.out)
+    config = SensitivityConfig(weights=args.weights, calibrated=args.calibrated, coco=args.coco,
+                               method=args.method or "mse", img_size=args.img_size, batch_size=args.batch_size,
+                               calib_batches=args.calib_batches, eval_batches=args.eval_batches,
+                               proxy_batches=args.proxy_batches, proxy_only=args.proxy, top=args.top,
+                               device=str(args.device), out=out, fresh=args.fresh, progress=sys.stderr.isatty())
+    if args.calibrated and args.method:  # the checkpoint's own method is what its amax came from
+        raise ValueError(f"--method {args.method} cannot re-calibrate {args.calibrated.name}: it holds its amax; "
+                         "drop --method, or drop --calibrated to calibrate here")
+    try:
+        res = run_sensitivity(config)
+    except KeyboardInterrupt as e:  # the scan's own message says how many layers are saved
+        raise KeyboardInterrupt(str(e) or f"interrupted; {out / 'sensitivity.json'} keeps every finished "
+                                "layer: rerun the same command to resume") from None
+    _print_sensitivity(res, out, args.top)
+    return 0
+
+
+def _print_sensitivity(res: dict, out: Path, top: int) -> None:
+    if "top" not in res:  # --proxy: the label-free ranking only
+        print(f"\nlabel-free ranking (lowest SQNR first), top {top}:")
+        for row in res["proxy_top"]:
+            print(f"  {row['rank']:2d}  {row['layer']:12s} {row['sqnr_db']:6.1f} dB")
+        print(f"results: {out / 'results.json'}")
+        return
+    from qcourse.course.plots.sensitivity import plot_sensitivity_summary
+    from qcourse.sensitivity import load_results
+
+    print(f"\nFP32 mAP {res['fp32']['map']:.4f}, INT8 {res['int8']['map']:.4f}; the {top} most sensitive layers:")
+    print(f"  {'#':>2s}  {'layer':12s} {'mAP in float':>12s} {'drop':>8s} {'SQNR dB':>8s}")
+    for r in res["top"]:
+        sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        print(f"  {r['rank']:2d}  {r['layer']:12s} {r['map']:12.4f} {r['drop']:+8.4f} {sqnr:>8s}")
+    rho = res["proxy_correlation"]["spearman"]
+    print(f"proxy (SQNR) vs mAP ranking: Spearman rho = {'n/a' if rho is None else f'{rho:.3f}'} "
+          f"over {res['proxy_correlation']['layers']} layers")
+    print(f"\n{'k in float':>10s} {'mAP':>8s} {'INT8 layers':>12s}")
+    for r in res["map_vs_k"]:
+        print(f"{r['k']:10d} {r['map']:8.4f} {r['int8_layers']:12d}")
+    scan = load_results(out / "sensitivity.json")
+    fig = plot_sensitivity_summary(scan["layers"], res["map_vs_k"], res["fp32"]["map"], top=top)
+    fig.savefig(out / "sensitivity.png")
+    print(f"files: {out / 'sensitivity.json'}, {out / 'results.json'}, {out / 'sensitivity.png'}")
+
+
+def _add_sensitivity(sub):
+    p = sub.add_parser(
+        "sensitivity", help="per-layer sensitivity of the INT8 model, resumable; top-k layers in float (lesson 6)",
+        description="Calibrate as `qcourse ptq` does (or load --calibrated), then evaluate the model with each "
+                    "layer (model.N) in float in turn. OUT/sensitivity.json is saved after every layer: Ctrl-C "
+                    "stops cleanly and rerunning the same command resumes. Then re-quantizes with the top-k layers "
+                    "in float (k = 0, 1, 3, 5, 10) and writes OUT/results.json and OUT/sensitivity.png.")
+    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
+                   help="float yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint to calibrate here (default: the "
+                        "shipped data/yolov7_tiny_shapes.pt)")
+    p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint from `qcourse ptq` (int8_*.pt)"),
+                   default=None, help="a calibrated INT8 checkpoint of `qcourse ptq` (int8_<method>.pt) instead of "
+                                      "calibrating here")
+    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
+                   default=None, help="COCO root: calibration on train2017, evaluation on val2017 (default: the "
+                                      "synthetic shapes dataset, its train and val splits)")
+    p.add_argument("--method", default=None, choices=["max", "entropy", "mse", "percentile"],
+                   help="how amax is chosen from the statistics when calibrating here (default: mse)")
+    p.add_argument("--img-size", type=_img_size, default=None,
+                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="images per batch, for calibration and evaluation (default: %(default)s)")
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=8,
+                   help="training batches the calibrators see, exactly (default: %(default)s)")
+    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N validation batches, for a fast look; recorded in "
+                        "sensitivity.json, so a rerun with another N is refused (default: all)")
+    p.add_argument("--proxy", action="store_true",
+                   help="only the label-free ranking: SQNR of each layer's output with only it quantized, one pass "
+                        "over --proxy-batches training batches; no evaluation")
+    p.add_argument("--proxy-batches", type=_int_at_least(1), default=2,
+                   help="training batches the proxy sees (default: %(default)s)")
+    p.add_argument("--top", type=_int_at_least(1), default=10,
+                   help="rows of the printed ranking, red bars in the chart (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--out", default="runs/sensitivity",
+                   help="folder for sensitivity.json, results.json and sensitivity.png (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: replace OUT/sensitivity.json instead of resuming it (needed when it was made "
+                        "with other settings, or is damaged)")
+    p.set_defaults(fn=_cmd_sensitivity)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qcourse", description="INT8 quantization for TensorRT, the course.",
                  epilog="`qcourse COMMAND --help` explains a command's options. An error prints one line; "
@@ -453,7 +546,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="show the full traceback of an error instead of one line (also: QCOURSE_DEBUG=1)")
     ap.set_defaults(fn=None)
     sub = ap.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq, _add_build, _add_bench):
+    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq, _add_build, _add_bench, _add_sensitivity):
         add(sub)
     sub.add_parser("info", help="versions and available engines").set_defaults(fn=_cmd_info)
     return ap
