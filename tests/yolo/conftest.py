@@ -1,7 +1,13 @@
 """Shared setup of the application tests: small synthetic datasets made on the spot."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from qcourse.yolo.datasets import make_synthetic_coco
+
+# the adversarial checkpoint tests reuse the writers of official-layout files in test_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
