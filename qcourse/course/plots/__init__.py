@@ -9,6 +9,7 @@ from qcourse.course.plots.basics import *  # noqa: F401,F403
 from qcourse.course.plots.calibration import *  # noqa: F401,F403
 from qcourse.course.plots.ptq import *  # noqa: F401,F403
 from qcourse.course.plots.engines import *  # noqa: F401,F403
+from qcourse.course.plots.sensitivity import *  # noqa: F401,F403
 from qcourse.course.plots import basics as _b, calibration as _c, ptq as _p
 
 __all__ = [*_b.__all__, *_c.__all__, *_p.__all__]
