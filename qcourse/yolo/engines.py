@@ -1,8 +1,8 @@
 """Lesson 8 — the YOLOv7 side of engines: the default model's ONNX files, and engine mAP.
 
 :mod:`qcourse.engines` knows nothing about YOLOv7; this module feeds it the embedded
-default (the fused YOLOv7-tiny checkpoint, calibrated on training images, detection head
-``model.77.m`` left in float as NVIDIA leaves ``model.105``) and scores an engine's
+default (the fused YOLOv7-tiny checkpoint quantized as lesson 5 does it, calibrated on
+training images, detection head ``model.77.m`` left in float as NVIDIA leaves ``model.105``) and scores an engine's
 detections with :func:`qcourse.yolo.evaluate.evaluate` like any model.
 """
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from qcourse import export, workflow
-from qcourse.yolo import default_checkpoint, models
+from qcourse import export
 from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
 from qcourse.yolo.evaluate import evaluate
 
@@ -24,18 +23,26 @@ HEAD_IGNORE = (r"model\.77\.m\..*",)
 
 
 def default_models(calib_batches: int = 4, method: str = "max", img_size: int = 160, batch_size: int = 32,
-                   root=None):
+                   root=None, rules: bool = True):
     """``(fp32, fake_quant)``: the fused default checkpoint and its calibrated quantized copy.
 
-    Calibration reads ``calib_batches`` batches of the train split (max calibration by
-    default: the scales the exported ONNX and both engines then share).
+    Lesson 5's PTQ (:func:`qcourse.yolo.ptq.quantize`): histogram input calibrators,
+    per-channel weights, the head in float and, with ``rules``, TensorRT's placement rules
+    (Concat / MaxPool neighbours share one quantizer). ``calib_batches`` batches of the train
+    split, amax by ``method``. The ties matter for the ORT INT8 engine too: with them every
+    Concat's inputs share its scale, so the rewrite re-quantizes nothing there.
     """
+    from qcourse import ptq
+    from qcourse.yolo import ptq as yolo_ptq
+
     torch.manual_seed(0)
-    fp32 = models.load_checkpoint(default_checkpoint()).fuse().eval()
+    fp32 = yolo_ptq.load_float_model().eval()
     root = root or ensure_default_dataset(progress=False)
     loader = create_dataloader(root, "train", img_size=img_size, batch_size=batch_size)
-    fq = workflow.quantized_copy(fp32, loader, method=method, ignore=list(HEAD_IGNORE), num_batches=calib_batches)
-    return fp32, fq
+    fq, _info = yolo_ptq.quantize(fp32, ignore=list(HEAD_IGNORE), rules=rules)
+    ptq.calibrate(fq, loader, calib_batches, progress=False)
+    ptq.load_amax(fq, method)
+    return fp32, fq.eval()
 
 
 def export_default_onnx(out_dir: Union[str, Path], img_size: int = 160, **calib) -> Dict[str, Path]:

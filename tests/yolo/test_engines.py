@@ -52,13 +52,12 @@ def test_fp32_engine_equals_pytorch(default):
 
 def test_int8_engine_map_matches_fake_quant(default):
     # Each quantized Conv's output is rounded once more than in the fake-quant model (ORT's
-    # QLinearConv needs it): exact for outputs >= 0, one code off at most for negative ones,
-    # and Concats re-quantize once where their inputs had other scales. On the 250 val
-    # images that cost 0.0031 mAP (0.6975 -> 0.6944); the bound leaves room for other
-    # calibration batches. The issue's target is 0.003: see benchmarks/README.md.
+    # QLinearConv needs it): exact for outputs >= 0, one code off at most for negative ones.
+    # With lesson 5's placement rules no Concat re-quantizes. On the 250 val images the
+    # engine scores 0.0021 above the fake-quant model; the issue's bound is 0.3 points.
     fq = evaluate_engine(default["fq_model"])["map"]
     int8 = evaluate_engine(default["int8"])["map"]
-    assert abs(int8 - fq) <= 0.005, (int8, fq)
+    assert abs(int8 - fq) <= 0.003, (int8, fq)
     assert int8 > 0.68  # far from quantize_static's 0.0
 
 
