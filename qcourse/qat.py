@@ -74,6 +74,7 @@ class QATConfig:
     seed: int = 0  # seeds the data order and torch's RNG
     checkpoint_every: Optional[int] = None  # also write last.pt every N steps inside an epoch
     shuffle: Optional[bool] = None  # None: shuffle when the given loader does
+    fingerprint: str = ""  # what else shapes the weights (model, data, loss): a resume must match it too
 
     def __post_init__(self):
         checks = [
@@ -401,15 +402,25 @@ def _mean_over_ranks(value: float) -> float:
     return float(t) / _world()[1]
 
 
+def _metrics(result) -> Dict[str, float]:
+    """What ``evaluate`` returned as a history entry: a float, or a dict with a ``"score"``."""
+    if isinstance(result, dict):
+        if "score" not in result:
+            raise ValueError(f"evaluate returned a dict without 'score' (keys {sorted(result)}); add the number "
+                             "that decides the best epoch as 'score'")
+        return {k: float(v) for k, v in result.items()}
+    return {"score": float(result)}
+
+
 def _end_epoch(model, opt, config, run: _Progress, lr: float, seconds: float, evaluate, out_dir, save_model, log):
     """Log the epoch, evaluate it (rank 0; the others wait), keep the best, write last.pt."""
     row = {"epoch": run.epoch + 1, "lr": lr, "loss": _mean_over_ranks(run.loss_sum / config.iters_per_epoch),
            "seconds": round(seconds, 2)}
     if evaluate is not None:
-        score = [float(evaluate(model))] if is_main_process() else [None]
+        result = [_metrics(evaluate(model))] if is_main_process() else [None]
         if _world()[1] > 1:
-            dist.broadcast_object_list(score, src=0)
-        row["score"] = score[0]
+            dist.broadcast_object_list(result, src=0)
+        row.update(result[0])
         if run.best_score is None or row["score"] > run.best_score:
             run.best_score, run.best_epoch = row["score"], run.epoch + 1
             if out_dir is not None and is_main_process():
@@ -468,7 +479,8 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
     ``loss_fn(model, batch) -> scalar tensor`` (e.g. a :class:`DistillationLoss`, or a
     detection loss on labels); ``loader`` gives the training batches (its dataset, batch
     size, collate function and shuffling are kept; the order comes from ``config.seed``).
-    ``evaluate(model) -> float`` (higher is better) runs after every epoch; the best model is
+    ``evaluate(model)`` runs after every epoch and returns the score (higher is better) or a
+    dict of numbers with the score under ``"score"`` (all go to the history); the best model is
     written with ``save_model(model, out_dir / "best.pt")``. ``out_dir/last.pt`` is written
     atomically after every epoch (and every ``config.checkpoint_every`` steps); with
     ``resume=True`` a run continues from it and ends with the weights an uninterrupted run

@@ -4,6 +4,7 @@
     qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
     qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
     qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
+    qcourse qat    [--w-bits 4 --epochs 3]   quantization-aware training from the calibrated model (lesson 7)
     qcourse build  [--onnx F --precision P]  an ONNX Runtime / TensorRT engine (default: the default model, int8)
     qcourse bench  --engine G [--engine H]   latency, throughput and mAP of engines, side by side
     qcourse info                           versions, and whether TensorRT/CUDA are usable
@@ -346,6 +347,90 @@ def _add_ptq(sub):
     p.set_defaults(fn=_cmd_ptq)
 
 
+# ------------------------------------------------------------------ QAT (lesson 7)
+def _cmd_qat(args) -> int:
+    from qcourse.yolo.qat import YoloQATConfig, run_qat
+
+    config = YoloQATConfig(weights=args.weights, calibrated=args.calibrated, coco=args.coco, img_size=args.img_size,
+                           epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
+                           lr=args.lr, loss=args.loss, supervision_stride=args.supervision_stride,
+                           w_bits=args.w_bits, a_bits=args.a_bits, learn_amax=args.learn_amax,
+                           calib_batches=args.calib_batches, eval_batches=args.eval_batches,
+                           device=str(args.device), out=Path(args.out), resume=args.resume, seed=args.seed,
+                           progress=sys.stderr.isatty())
+    res = run_qat(config)
+    if res is None:  # a torchrun rank other than 0: rank 0 prints and writes
+        return 0
+    print(f"\n{'model':10s} {'mAP@0.5:0.95':>12s} {'mAP@0.5':>8s}")
+    for row in res["table"]:
+        print(f"{row['model']:10s} {row['map']:12.4f} {row['map50']:8.4f}")
+    got = res["recovered"]
+    print(f"QAT recovered {'nothing to recover' if got is None else f'{100 * got:.0f} %'} of the PTQ loss "
+          f"(best epoch {res['best_epoch']}); files in {args.out}: best.pt, last.pt, qat.onnx, results.json")
+    return 0
+
+
+def _bits(text: str) -> int:
+    value = _number(text, int, "a whole number from 2 to 8")
+    if not 2 <= value <= 8:  # 1 bit has no symmetric grid; above 8, TensorRT's INT8 has no use for it
+        raise argparse.ArgumentTypeError(f"{value} bits is outside 2..8; pass e.g. 8 (INT8) or 4 (a stress test)")
+    return value
+
+
+def _add_qat(sub):
+    p = sub.add_parser(
+        "qat", help="quantization-aware training of YOLOv7(-tiny) from its calibrated PTQ model (lesson 7)",
+        description="Calibrate as `qcourse ptq` (or load --calibrated), then fine-tune with fake quantization in "
+                    "the loop, NVIDIA's recipe: Adam, lr low-high-low by epoch, a fixed number of iterations per "
+                    "epoch, label-free distillation by default. Evaluates every epoch and keeps the best; writes "
+                    "OUT/best.pt, last.pt, qat.onnx and results.json (FP32 / PTQ / QAT table). The same command "
+                    "under `torchrun --nproc_per_node=N` trains with DistributedDataParallel.")
+    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
+                   help="FP32 yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
+                        "data/yolov7_tiny_shapes.pt); also the distillation teacher")
+    p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint of `qcourse ptq` (int8_*.pt)"),
+                   default=None, help="start from this calibrated checkpoint (default: calibrate as `qcourse ptq`)")
+    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
+                   default=None, help="COCO root: training images from train2017, evaluation on val2017 "
+                                      "(default: the synthetic shapes dataset)")
+    p.add_argument("--img-size", type=_img_size, default=None,
+                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=3,
+                   help="epochs; the lr is low, high, then low again by epoch (NVIDIA: 10) (default: %(default)s)")
+    p.add_argument("--iters-per-epoch", type=_int_at_least(1), default=20,
+                   help="optimizer steps per epoch (NVIDIA: 200) (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16,
+                   help="images per step over all processes, and per calibration batch (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4,
+                   help="peak Adam learning rate; epochs in the low phases use a tenth (NVIDIA: 1e-5) "
+                        "(default: %(default)s)")
+    p.add_argument("--loss", default="distill", choices=["distill", "detection"],
+                   help="distill: MSE to the FP32 model's block outputs, no labels; detection: the YOLO loss "
+                        "on the labels (default: %(default)s)")
+    p.add_argument("--supervision-stride", type=_int_at_least(1), default=1,
+                   help="with --loss distill, compare every N-th block (the last one always) (default: %(default)s)")
+    p.add_argument("--w-bits", type=_bits, default=8,
+                   help="weight bits, per channel; 4 is a stress setting where PTQ loses more (default: %(default)s)")
+    p.add_argument("--a-bits", type=_bits, default=8,
+                   help="activation (input) bits, per tensor; 5 or 6 is a stress setting (default: %(default)s)")
+    p.add_argument("--learn-amax", action="store_true",
+                   help="also train the activation ranges (PACT gradient); weight ranges stay calibrated")
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=4,
+                   help="training batches the calibrators see (default: %(default)s)")
+    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N validation batches, for a quick look (default: all)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="random seed of the data order (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--out", default="runs/qat",
+                   help="folder for best.pt, last.pt, qat.onnx and results.json (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (same settings), ending with the weights an "
+                        "uninterrupted run would have")
+    p.set_defaults(fn=_cmd_qat)
+
+
 # ------------------------------------------------------------------ engines (lesson 8)
 def _cmd_build(args) -> int:
     from qcourse.engines import build_engine
@@ -546,7 +631,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="show the full traceback of an error instead of one line (also: QCOURSE_DEBUG=1)")
     ap.set_defaults(fn=None)
     sub = ap.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq, _add_build, _add_bench, _add_sensitivity):
+    for add in (_add_course, _add_demo, _add_train, _add_eval, _add_ptq, _add_qat, _add_build, _add_bench,
+                _add_sensitivity):
         add(sub)
     sub.add_parser("info", help="versions and available engines").set_defaults(fn=_cmd_info)
     return ap
