@@ -4,6 +4,7 @@
     qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
     qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
     qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
+    qcourse sensitivity [--eval-batches N]  per-layer sensitivity, resumable; top-k layers in float (lesson 6)
     qcourse qat    [--w-bits 4 --epochs 3]   quantization-aware training from the calibrated model (lesson 7)
     qcourse build  [--onnx F --precision P]  an ONNX Runtime / TensorRT engine (default: the default model, int8)
     qcourse bench  --engine G [--engine H]   latency, throughput and mAP of engines, side by side
@@ -590,7 +591,7 @@ def _add_sensitivity(sub):
                         "shipped data/yolov7_tiny_shapes.pt)")
     p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint from `qcourse ptq` (int8_*.pt)"),
                    default=None, help="a calibrated INT8 checkpoint of `qcourse ptq` (int8_<method>.pt) instead of "
-                                      "calibrating here")
+                                      "calibrating here (default: none; calibrate as `qcourse ptq` does)")
     p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
                    default=None, help="COCO root: calibration on train2017, evaluation on val2017 (default: the "
                                       "synthetic shapes dataset, its train and val splits)")
