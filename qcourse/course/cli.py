@@ -526,7 +526,8 @@ def _add_bench(sub):
     p.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls first (default: %(default)s)")
     p.add_argument("--threads", type=_int_at_least(1), default=2, help="ONNX Runtime threads (default: %(default)s)")
     p.add_argument("--no-map", action="store_true", help="skip the mAP of each engine on the val split")
-    p.add_argument("--json", type=Path, default=None, help="write the results here, and a PNG chart next to it")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the results here, and a PNG chart next to it (default: print the table only)")
     p.set_defaults(fn=_cmd_bench)
 
 
