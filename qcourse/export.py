@@ -19,7 +19,6 @@ like ``QuantizeLinear``: a single quantizer exported here matches ONNX Runtime e
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from qcourse.nn import TensorQuantizer
+from qcourse.utils import atomic_write
 
 __all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
 
@@ -97,21 +97,15 @@ def export_onnx(model: nn.Module, example: Union[torch.Tensor, Sequence[torch.Te
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(path.parent))
-    os.close(fd)
     try:
-        with warnings.catch_warnings():
+        with atomic_write(path, suffix=".onnx") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, tmp, opset_version=opset, input_names=input_names,
+            torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True, dynamo=False)
-        if check:
-            onnx.checker.check_model(tmp)
-        os.replace(tmp, path)
+            if check:
+                onnx.checker.check_model(str(tmp))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         model.train(was_training)
     return path
 

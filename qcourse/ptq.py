@@ -34,7 +34,7 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch

@@ -44,8 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from qcourse import workflow
-from qcourse.nn import TensorQuantizer
-from qcourse.utils import is_int
+from qcourse.utils import atomic_write, is_int
 
 __all__ = [
     "QATConfig", "NVIDIA_SCHEDULE", "lr_at_epoch", "select_blocks", "DistillationLoss", "enable_learn_amax",
@@ -331,13 +330,8 @@ def _set_rng_state(state: Dict) -> None:
 
 def _atomic_save(obj, path: Path) -> None:
     # written aside then renamed: a run killed mid-write keeps the previous file whole
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_state(path) -> Dict:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 
 from qcourse import workflow
 from qcourse.nn import TensorQuantizer
+from qcourse.utils import atomic_write
 
 __all__ = [
     "FORMAT", "KS", "Slot", "default_layer_of", "quantizer_slots", "layer_groups", "quantized_layers",
@@ -193,25 +193,9 @@ def write_json_atomic(path: Union[str, os.PathLike], obj) -> None:
     (``os.replace`` is atomic on one file system); the folder is fsync'ed so the rename itself
     survives a power cut. A SIGKILL at any point leaves a whole file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _check_row(row) -> Optional[str]:

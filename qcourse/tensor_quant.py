@@ -44,7 +44,7 @@ Conventions (identical to TensorRT's and ONNX's ``QuantizeLinear``):
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch

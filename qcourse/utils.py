@@ -13,13 +13,17 @@ nothing from qcourse).
 from __future__ import annotations
 
 import logging
+import contextlib
 import numbers
+import os
+import tempfile
+from pathlib import Path
 import sys
 import types
 
 import torch
 
-__all__ = ["is_int", "check_bool", "reduce_amax", "quant_logging"]
+__all__ = ["is_int", "check_bool", "atomic_write", "reduce_amax", "quant_logging"]
 
 
 def is_int(value) -> bool:
@@ -96,3 +100,37 @@ quant_logging = types.ModuleType(f"{__name__}.quant_logging", "Logging helpers o
 quant_logging.reset_logger_handler = _reset_logger_handler
 quant_logging.__all__ = ["reset_logger_handler"]
 sys.modules[quant_logging.__name__] = quant_logging
+
+
+@contextlib.contextmanager
+def atomic_write(path, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path``; on success it becomes ``path`` in one rename.
+
+    Every file qcourse writes for a user goes through here: the temporary file is fsync'ed and
+    renamed over ``path`` (``os.replace`` is atomic on one file system), then the folder is
+    fsync'ed so the rename survives a power cut. An error or Ctrl-C inside the block removes the
+    temporary file, so ``path`` only ever holds the old file or the whole new one. The result
+    gets ordinary permissions (``mkstemp`` makes files private). ``suffix`` is for writers that
+    look at the extension (``torch.onnx.export``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
+        dfd = os.open(str(path.parent), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

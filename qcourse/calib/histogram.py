@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import scipy.stats

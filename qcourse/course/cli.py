@@ -286,19 +286,47 @@ def _add_train(sub):
     p.set_defaults(fn=_cmd_train)
 
 
-def _add_eval(sub):
-    p = sub.add_parser("eval", help="COCO mAP of a checkpoint (default: the shipped model on the synthetic val split)")
+# ------------------------------------------------------------------ options the YOLOv7 commands share
+def _add_weights(p, help_: str = "yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint"):
     p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
-                   help="yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
-                        "data/yolov7_tiny_shapes.pt)")
-    p.add_argument("--coco", type=_existing("folder", "a COCO root with val2017/ and annotations/"), default=None,
-                   help="COCO root with val2017/ and annotations/ (default: the synthetic shapes dataset)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: val2017 with --coco, else val)")
+                   help=f"{help_} (default: the shipped data/yolov7_tiny_shapes.pt)")
+
+
+def _add_calibrated(p, help_: str):
+    p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint of `qcourse ptq` (int8_*.pt)"),
+                   default=None, help=help_)
+
+
+def _add_coco(p, use: str, layout: str = "train2017/, val2017/ and annotations/"):
+    p.add_argument("--coco", type=_existing("folder", f"a COCO root with {layout}"), default=None,
+                   help=f"COCO root: {use} (default: the synthetic shapes dataset)")
+
+
+def _add_img_size(p):
     p.add_argument("--img-size", type=_img_size, default=None,
                    help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per batch (default: %(default)s)")
+
+
+def _add_batches(p, calib_default: int, eval_note: str = "for a quick look"):
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=calib_default,
+                   help="training batches the calibrators see, exactly (default: %(default)s)")
+    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
+                   help=f"evaluate only the first N validation batches, {eval_note} (default: all)")
+
+
+def _add_device(p):
     p.add_argument("--device", type=_device, default="cpu",
                    help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint (default: the shipped model on the synthetic val split)")
+    _add_weights(p)
+    _add_coco(p, "evaluation on val2017", layout="val2017/ and annotations/")
+    p.add_argument("--split", default=None, help="split to evaluate (default: val2017 with --coco, else val)")
+    _add_img_size(p)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per batch (default: %(default)s)")
+    _add_device(p)
     p.add_argument("--max-batches", type=_int_at_least(1), default=None,
                    help="evaluate only the first N batches, for a quick look (default: all)")
     p.set_defaults(fn=_cmd_eval)
@@ -320,18 +348,12 @@ def _add_ptq(sub):
         description="Fuse the model, insert Q/DQ (TensorRT's placement rules applied), calibrate on training "
                     "images, then for each method: evaluate mAP, export INT8 ONNX, save a calibrated checkpoint "
                     "and check the ONNX file in ONNX Runtime. Writes OUT/results.json last.")
-    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
-                   help="yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
-                        "data/yolov7_tiny_shapes.pt)")
-    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
-                   default=None, help="COCO root: calibration on train2017, evaluation on val2017 (default: the "
-                                      "synthetic shapes dataset, its train and val splits)")
-    p.add_argument("--img-size", type=_img_size, default=None,
-                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    _add_weights(p)
+    _add_coco(p, "calibration on train2017, evaluation on val2017")
+    _add_img_size(p)
     p.add_argument("--batch-size", type=_int_at_least(1), default=32,
                    help="images per batch, for calibration and evaluation (default: %(default)s)")
-    p.add_argument("--calib-batches", type=_int_at_least(1), default=8,
-                   help="training batches the calibrators see, exactly (default: %(default)s)")
+    _add_batches(p, calib_default=8)
     p.add_argument("--method", default="all", choices=["max", "entropy", "mse", "percentile", "all"],
                    help="how amax is chosen from the statistics; all compares the four (default: %(default)s)")
     p.add_argument("--ignore", type=regex, action="append", default=None, metavar="REGEX",
@@ -339,10 +361,7 @@ def _add_ptq(sub):
                         "the default, the detection head's convs such as 'model\\.77\\.m\\..*')")
     p.add_argument("--no-rules", action="store_true",
                    help="do not tie quantizers around Concat/MaxPool (TensorRT then needs reformat layers)")
-    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
-                   help="evaluate only the first N validation batches, for a quick look (default: all)")
-    p.add_argument("--device", type=_device, default="cpu",
-                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    _add_device(p)
     p.add_argument("--out", default="runs/ptq",
                    help="folder for results.json, the ONNX files and the INT8 checkpoints (default: %(default)s)")
     p.set_defaults(fn=_cmd_ptq)
@@ -386,16 +405,10 @@ def _add_qat(sub):
                     "epoch, label-free distillation by default. Evaluates every epoch and keeps the best; writes "
                     "OUT/best.pt, last.pt, qat.onnx and results.json (FP32 / PTQ / QAT table). The same command "
                     "under `torchrun --nproc_per_node=N` trains with DistributedDataParallel.")
-    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
-                   help="FP32 yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint (default: the shipped "
-                        "data/yolov7_tiny_shapes.pt); also the distillation teacher")
-    p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint of `qcourse ptq` (int8_*.pt)"),
-                   default=None, help="start from this calibrated checkpoint (default: calibrate as `qcourse ptq`)")
-    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
-                   default=None, help="COCO root: training images from train2017, evaluation on val2017 "
-                                      "(default: the synthetic shapes dataset)")
-    p.add_argument("--img-size", type=_img_size, default=None,
-                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    _add_weights(p, "FP32 yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint, also the distillation teacher")
+    _add_calibrated(p, "start from this calibrated checkpoint (default: calibrate as `qcourse ptq`)")
+    _add_coco(p, "training images from train2017, evaluation on val2017")
+    _add_img_size(p)
     p.add_argument("--epochs", type=_int_at_least(1), default=3,
                    help="epochs; the lr is low, high, then low again by epoch (NVIDIA: 10) (default: %(default)s)")
     p.add_argument("--iters-per-epoch", type=_int_at_least(1), default=20,
@@ -416,14 +429,10 @@ def _add_qat(sub):
                    help="activation (input) bits, per tensor; 5 or 6 is a stress setting (default: %(default)s)")
     p.add_argument("--learn-amax", action="store_true",
                    help="also train the activation ranges (PACT gradient); weight ranges stay calibrated")
-    p.add_argument("--calib-batches", type=_int_at_least(1), default=4,
-                   help="training batches the calibrators see (default: %(default)s)")
-    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
-                   help="evaluate only the first N validation batches, for a quick look (default: all)")
+    _add_batches(p, calib_default=4)
     p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="random seed of the data order (default: %(default)s)")
-    p.add_argument("--device", type=_device, default="cpu",
-                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    _add_device(p)
     p.add_argument("--out", default="runs/qat",
                    help="folder for best.pt, last.pt, qat.onnx and results.json (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
@@ -587,26 +596,17 @@ def _add_sensitivity(sub):
                     "layer (model.N) in float in turn. OUT/sensitivity.json is saved after every layer: Ctrl-C "
                     "stops cleanly and rerunning the same command resumes. Then re-quantizes with the top-k layers "
                     "in float (k = 0, 1, 3, 5, 10) and writes OUT/results.json and OUT/sensitivity.png.")
-    p.add_argument("--weights", type=_existing("file", "a checkpoint file (.pt)"), default=None,
-                   help="float yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint to calibrate here (default: the "
-                        "shipped data/yolov7_tiny_shapes.pt)")
-    p.add_argument("--calibrated", type=_existing("file", "a calibrated checkpoint from `qcourse ptq` (int8_*.pt)"),
-                   default=None, help="a calibrated INT8 checkpoint of `qcourse ptq` (int8_<method>.pt) instead of "
-                                      "calibrating here (default: none; calibrate as `qcourse ptq` does)")
-    p.add_argument("--coco", type=_existing("folder", "a COCO root with train2017/, val2017/ and annotations/"),
-                   default=None, help="COCO root: calibration on train2017, evaluation on val2017 (default: the "
-                                      "synthetic shapes dataset, its train and val splits)")
+    _add_weights(p, "float yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint to calibrate here")
+    _add_calibrated(p, "a calibrated INT8 checkpoint of `qcourse ptq` (int8_<method>.pt) instead of "
+                       "calibrating here (default: none; calibrate as `qcourse ptq` does)")
+    _add_coco(p, "calibration on train2017, evaluation on val2017")
     p.add_argument("--method", default=None, choices=["max", "entropy", "mse", "percentile"],
                    help="how amax is chosen from the statistics when calibrating here (default: mse)")
-    p.add_argument("--img-size", type=_img_size, default=None,
-                   help="input size in pixels, a multiple of 32 (default: the checkpoint's, else 640)")
+    _add_img_size(p)
     p.add_argument("--batch-size", type=_int_at_least(1), default=32,
                    help="images per batch, for calibration and evaluation (default: %(default)s)")
-    p.add_argument("--calib-batches", type=_int_at_least(1), default=8,
-                   help="training batches the calibrators see, exactly (default: %(default)s)")
-    p.add_argument("--eval-batches", type=_int_at_least(1), default=None,
-                   help="evaluate only the first N validation batches, for a fast look; recorded in "
-                        "sensitivity.json, so a rerun with another N is refused (default: all)")
+    _add_batches(p, calib_default=8, eval_note="for a fast look; recorded in sensitivity.json, so a rerun "
+                                               "with another N is refused")
     p.add_argument("--proxy", action="store_true",
                    help="only the label-free ranking: SQNR of each layer's output with only it quantized, one pass "
                         "over --proxy-batches training batches; no evaluation")
@@ -614,8 +614,7 @@ def _add_sensitivity(sub):
                    help="training batches the proxy sees (default: %(default)s)")
     p.add_argument("--top", type=_int_at_least(1), default=10,
                    help="rows of the printed ranking, red bars in the chart (default: %(default)s)")
-    p.add_argument("--device", type=_device, default="cpu",
-                   help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+    _add_device(p)
     p.add_argument("--out", default="runs/sensitivity",
                    help="folder for sensitivity.json, results.json and sensitivity.png (default: %(default)s)")
     p.add_argument("--fresh", action="store_true",

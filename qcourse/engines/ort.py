@@ -10,8 +10,6 @@ is refused with the backend that has them. A small JSON record in the model's
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from qcourse.engines.base import Engine, EngineError, PathLike, as_batch, shape_tuple
 from qcourse.export import load_onnx
+from qcourse.utils import atomic_write
 
 __all__ = ["OrtEngine", "build", "load", "session_options"]
 
@@ -48,7 +47,6 @@ def _has_qdq(model) -> bool:
 
 def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dtype: str = "auto") -> Path:
     """Write the ORT engine for ``precision`` built from ``onnx_path`` to ``out``; returns ``out``."""
-    import onnx
 
     from qcourse.engines.ort_int8 import strip_qdq, to_ort_int8
 
@@ -72,15 +70,8 @@ def _save_atomic(model, out: Path) -> Path:
 
     if out.suffix != ".onnx":
         raise EngineError(f"an onnxruntime engine is an .onnx file; name it e.g. {out.with_suffix('.onnx')}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=str(out.parent))
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out, suffix=".onnx") as tmp:
+        onnx.save(model, str(tmp))
     return out
 
 

@@ -11,7 +11,7 @@ machine without it gets :class:`~qcourse.engines.base.BackendUnavailable` saying
   precision, batch range, input shape, TensorRT version (a plan only loads in the version
   that built it).
 * Run: ``execute_async_v3`` with tensor addresses of torch CUDA buffers.
-* Report: :func:`layer_report` reads the engine inspector's JSON: the precision of each
+* Report: :meth:`TrtEngine.layer_report` reads the engine inspector's JSON: the precision of each
   layer and the reformat layers — lesson 5's Q/DQ placement question, answered by the engine.
 
 ``trtexec`` equivalent of an INT8 build (the README lists the others)::
@@ -23,7 +23,6 @@ machine without it gets :class:`~qcourse.engines.base.BackendUnavailable` saying
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from qcourse.engines.base import BackendUnavailable, Engine, EngineError, PathLike, as_batch
 
-__all__ = ["TrtEngine", "build", "load", "profile_shapes", "layer_report", "parse_layer_report", "available"]
+__all__ = ["TrtEngine", "build", "load", "profile_shapes", "parse_layer_report", "available"]
 
 
 def _import_trt():

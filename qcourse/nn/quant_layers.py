@@ -12,9 +12,8 @@ Layers with weights quantize the input per tensor and the weight per output chan
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -25,7 +25,6 @@ exactly what ONNX Runtime computes. This module depends only on ``tensor_quant``
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple, Optional
 

@@ -23,11 +23,10 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +34,7 @@ from qcourse import ptq, quant_modules, workflow
 from qcourse.export import export_onnx
 from qcourse.nn import TensorQuantizer
 from qcourse.tensor_quant import QuantDescriptor
+from qcourse.utils import atomic_write
 
 from . import default_checkpoint
 from .models import Detect, Model, load_checkpoint
@@ -206,18 +206,8 @@ def save_quantized(qmodel: Model, path, **meta) -> Path:
                          "disabled": off, "amax": {k: v for k, v in sd.items() if _is_amax_key(k)}},
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

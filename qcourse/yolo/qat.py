@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 
 from qcourse import ptq, qat
 from qcourse.export import export_onnx
 from qcourse.tensor_quant import QuantDescriptor
-from qcourse.utils import is_int
+from qcourse.utils import atomic_write, is_int
 
 from . import ptq as yptq
 from .models import Detect
@@ -168,9 +167,8 @@ def _save(meta: dict) -> Callable:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _table(fp32: dict, ptq_row: dict, qat_row: dict, label: str) -> list:

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import numbers
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from qcourse.yolo.loss import YoloLoss
-from qcourse.utils import is_int
+from qcourse.utils import atomic_write, is_int
 
 __all__ = ["TrainConfig", "RESUME_SETTINGS", "ModelEMA", "lr_schedule", "train_epoch", "train"]
 
@@ -126,9 +125,8 @@ class ModelEMA:
 
 def _atomic_save(obj, path: Path):
     # write aside, then rename: a run killed mid-save keeps the previous last.pt intact
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _check_resume(resume) -> None:

@@ -111,6 +111,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcourse.utils import atomic_write
+
 from . import common, yolo
 from .configs import ARCHITECTURES, get_config
 from .yolo import Model, UnsupportedArchitectureError, build_model
@@ -1183,8 +1185,7 @@ def save_checkpoint(model: Model, path, *, half: bool = False, **meta) -> Path:
         "meta": json.loads(json.dumps(meta)),
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)
     return path
 
