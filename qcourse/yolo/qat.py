@@ -31,10 +31,14 @@ from qcourse.utils import atomic_write, is_int
 from . import ptq as yptq
 from .models import Detect
 
-__all__ = ["YoloQATConfig", "LOSSES", "calibrated_model", "distillation_loss", "detection_loss", "run_qat",
+__all__ = ["YoloQATConfig", "LOSSES", "STRESS", "calibrated_model", "distillation_loss", "detection_loss", "run_qat",
            "recovered"]
 
 LOSSES = ("distill", "detection")
+
+#: lesson 7's stress setting on the embedded default: bit widths where PTQ loses > 5 mAP points,
+#: with the QAT budget that wins most of it back (``qcourse course`` and the notebook use it)
+STRESS = {"w_bits": 4, "a_bits": 5, "epochs": 2, "iters_per_epoch": 15, "lr": 1e-4}
 
 
 @dataclass(frozen=True)
