@@ -369,9 +369,11 @@ class _Progress:
     history: list = None
     best_score: Optional[float] = None
     best_epoch: Optional[int] = None
+    step_losses: list = None  # every optimizer step's loss (this rank's), for the loss curve
 
     def __post_init__(self):
         self.history = [] if self.history is None else self.history
+        self.step_losses = [] if self.step_losses is None else self.step_losses
 
 
 def _checkpoint(path: Path, model, opt, config: QATConfig, run: _Progress) -> None:
@@ -385,7 +387,8 @@ def _restore(state: Dict, model, opt) -> _Progress:
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])  # the RNG as it was after the last saved step (dropout, augmentation)
-    return _Progress(**{k: state[k] for k in ("epoch", "step", "loss_sum", "history", "best_score", "best_epoch")})
+    return _Progress(**{k: state[k] for k in ("epoch", "step", "loss_sum", "history", "best_score", "best_epoch",
+                                              "step_losses")})
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -439,6 +442,7 @@ def _run_epoch(net, model, loss_fn, opt, loader, config: QATConfig, run: _Progre
         opt.step()
         _keep_amax_positive(amax_params)
         run.step, run.loss_sum = run.step + 1, run.loss_sum + float(loss.detach())
+        run.step_losses.append(float(loss.detach()))
         if (config.checkpoint_every and out_dir is not None and run.step % config.checkpoint_every == 0
                 and run.step < config.iters_per_epoch):
             _checkpoint(out_dir / "last.pt", model, opt, config, run)
@@ -482,7 +486,7 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
     DistributedDataParallel and only rank 0 evaluates and writes.
 
     Returns ``{"history": [{"epoch", "lr", "loss", "seconds"[, "score"]}], "best_score",
-    "best_epoch", "steps", "world_size"}``.
+    "best_epoch", "steps", "step_losses" (every step's loss, this process's), "world_size"}``.
     """
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a qcourse.qat.QATConfig, got {type(config).__name__}")
@@ -505,7 +509,8 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
             _run_epoch(net, model, loss_fn, opt, loader, config, run, amax_params, out_dir)
             _end_epoch(model, opt, config, run, lr, time.perf_counter() - t0, evaluate, out_dir, save_model, log)
         return {"history": run.history, "best_score": run.best_score, "best_epoch": run.best_epoch,
-                "steps": config.epochs * config.iters_per_epoch, "world_size": _world()[1]}
+                "steps": config.epochs * config.iters_per_epoch, "step_losses": run.step_losses,
+                "world_size": _world()[1]}
     finally:
         if started:
             dist.destroy_process_group()

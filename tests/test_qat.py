@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -168,6 +169,10 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path):
     got = weights(student)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert res["history"] == [{**r, "seconds": s["seconds"]} for r, s in zip(full["history"], res["history"])]
+    assert res["step_losses"] == full["step_losses"] and len(full["step_losses"]) == 20
+    # the loss curve agrees with the per-epoch means of the history
+    assert [np.mean(full["step_losses"][10 * e:10 * e + 10]) for e in range(2)] == pytest.approx(
+        [r["loss"] for r in full["history"]], rel=1e-9)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
