@@ -85,3 +85,37 @@ def test_bad_options_get_one_line_and_exit_2(args, message, tmp_path, capsys):
     rc = main(["qat", *args, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("qcourse: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_resumed_cli_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    """An interrupted ``qcourse qat`` continued with ``--resume`` ends where an uninterrupted run ends."""
+    from qcourse import qat
+
+    args = ["qat", "--epochs", "2", "--iters-per-epoch", "2", "--batch-size", "4", "--calib-batches", "1",
+            "--eval-batches", "1", "--loss", "detection", "--w-bits", "4", "--a-bits", "6"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    real, calls = yqat.detection_loss, [0]
+
+    def dies_at_step_3(student, img_size, device="cpu"):  # the first step of epoch 2
+        loss = real(student, img_size, device)
+
+        def wrapped(model, batch):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt
+            return loss(model, batch)
+        return wrapped
+
+    monkeypatch.setattr(yqat, "detection_loss", dies_at_step_3)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    assert qat.load_state(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    assert not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(yqat, "detection_loss", real)
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    want = qat.load_state(tmp_path / "full" / "last.pt")["model"]
+    got = qat.load_state(tmp_path / "cut" / "last.pt")["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    full, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "cut"))
+    assert cut["table"] == full["table"]
+    assert "resumed at epoch 2, step 0" in capsys.readouterr().out
