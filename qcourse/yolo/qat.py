@@ -38,7 +38,7 @@ LOSSES = ("distill", "detection")
 
 #: lesson 7's stress setting on the embedded default: bit widths where PTQ loses > 5 mAP points,
 #: with the QAT budget that wins most of it back (``qcourse course`` and the notebook use it)
-STRESS = {"w_bits": 4, "a_bits": 5, "epochs": 2, "iters_per_epoch": 15, "lr": 1e-4}
+STRESS = {"w_bits": 3, "a_bits": 8, "loss": "detection", "epochs": 4, "iters_per_epoch": 40, "lr": 1e-4}
 
 
 @dataclass(frozen=True)
