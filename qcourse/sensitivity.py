@@ -297,7 +297,7 @@ def _bar(total: int, initial: int, progress: bool):
 def sensitivity_analysis(model: nn.Module, evaluate: Callable[[nn.Module], float],
                          path: Union[str, os.PathLike], config: Optional[dict] = None, *,
                          layer_of: Callable[[str], str] = default_layer_of, fresh: bool = False,
-                         progress: bool = False) -> dict:
+                         progress: bool = False, layers: Optional[Sequence[str]] = None) -> dict:
     """Evaluate ``model`` with each quantized layer in float in turn; returns the results (the file's content).
 
     ``model`` is calibrated and quantized; ``evaluate(model)`` returns its accuracy (mAP).
@@ -309,12 +309,22 @@ def sensitivity_analysis(model: nn.Module, evaluate: Callable[[nn.Module], float
     the run resumes: finished layers are skipped; a file of another config raises
     :class:`SensitivityFileError` naming the difference, so does a corrupted one, and the file
     is kept. ``fresh=True`` starts over. Ctrl-C stops after the layers saved so far.
+    ``layers`` scans only those quantized layers (kept in model order; a quick look on a big
+    model); the default is all of them.
     """
     path = Path(path)
-    layers = quantized_layers(model, layer_of)
-    if not layers:
+    every = quantized_layers(model, layer_of)
+    if not every:
         raise ValueError("the model has no enabled quantizer: insert and calibrate quantizers first "
                          "(qcourse.workflow.quantized_copy)")
+    if layers is None:
+        layers = every
+    else:
+        unknown = [name for name in layers if name not in every]
+        if unknown or not layers:
+            raise ValueError(f"layers {unknown or list(layers)} are not quantized layers of the model; pass some "
+                             f"of {', '.join(every[:3])}, ... ({len(every)} in all)")
+        layers = [name for name in every if name in set(layers)]
     config = {"format": FORMAT, **json.loads(json.dumps(config or {})), "layers": layers,
               "state": state_fingerprint(model)}
     data = _start(path, config, fresh)

@@ -8,12 +8,14 @@ nothing from qcourse).
 * :mod:`quant_logging` (``qcourse.utils.quant_logging``) — the reference's logging helper,
   ``reset_logger_handler()``;
 * :func:`is_int`, :func:`check_bool` — argument checks whose errors name the bad value,
-  so the layers above never write their own.
+  so the layers above never write their own;
+* :func:`atomic_write`, :func:`file_sha256` — how qcourse writes a file, and names one by content.
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import hashlib
+import logging
 import numbers
 import os
 import tempfile
@@ -23,7 +25,7 @@ import types
 
 import torch
 
-__all__ = ["is_int", "check_bool", "atomic_write", "reduce_amax", "quant_logging"]
+__all__ = ["is_int", "check_bool", "atomic_write", "file_sha256", "reduce_amax", "quant_logging"]
 
 
 def is_int(value) -> bool:
@@ -134,3 +136,12 @@ def atomic_write(path, suffix: str = ".tmp"):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB pieces: checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -223,6 +223,17 @@ def test_scan_measures_each_layer_against_the_oracle(tmp_path):
     assert drops == sorted(drops, reverse=True)
 
 
+def test_scan_of_some_layers_keeps_model_order_and_the_full_scan_numbers(tmp_path):
+    full = sens.sensitivity_analysis(make_quantized(), evaluate, tmp_path / "all.json")
+    some = sens.sensitivity_analysis(make_quantized(), evaluate, tmp_path / "some.json",
+                                     layers=[LAYERS[-1], LAYERS[0]])
+    assert some["config"]["layers"] == [LAYERS[0], LAYERS[-1]]  # model order, whatever order was asked
+    chosen = some["config"]["layers"]
+    assert strip_seconds(some)["layers"] == [r for r in strip_seconds(full)["layers"] if r["layer"] in chosen]
+    with pytest.raises(ValueError, match=r"\['model\.99'\] are not quantized layers .* model\.0"):
+        sens.sensitivity_analysis(make_quantized(), evaluate, tmp_path / "bad.json", layers=["model.99"])
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     full = sens.sensitivity_analysis(make_quantized(), evaluate, tmp_path / "full.json", {"run": 1})
     calls, crashed = [], []

@@ -272,6 +272,7 @@ def ort_agreement(qmodel: nn.Module, onnx_path, loader, batches: int = 1, conf: 
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.log_severity_level = 3  # errors only: ORT's notes on folded initializers are not the learner's to act on
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     device = next(qmodel.parameters()).device
     diff, n_torch, n_matched, n_ort, images = 0.0, 0, 0, 0, 0

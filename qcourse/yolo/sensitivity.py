@@ -14,7 +14,6 @@ adds what is YOLOv7's:
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 import time
@@ -26,6 +25,7 @@ from torch import nn
 
 from qcourse import ptq, sensitivity
 from qcourse.sensitivity import KS
+from qcourse.utils import file_sha256
 
 from . import ptq as yptq
 from .models.checkpoint import float_model_from_checkpoint, read_checkpoint
@@ -48,6 +48,7 @@ class SensitivityConfig:
     ``coco``: COCO root (None: the synthetic dataset). ``method``: how amax is computed when
     calibrating here. ``eval_batches``: evaluate only the first N val batches (None: all).
     ``proxy_only``: the label-free ranking alone. ``top``: rows of the printed ranking.
+    ``max_layers``: scan only the first N >= 3 quantized layers in model order, a quick look (None: all).
     """
 
     weights: Optional[Path] = None
@@ -66,6 +67,7 @@ class SensitivityConfig:
     out: Path = Path("runs/sensitivity")
     fresh: bool = False
     progress: bool = True
+    max_layers: Optional[int] = None
     log: Callable[[str], None] = field(default=print, compare=False, repr=False)
 
     def __post_init__(self):
@@ -78,8 +80,10 @@ class SensitivityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
-            raise ValueError(f"eval_batches must be a whole number >= 1 or None, got {self.eval_batches!r}")
+        for name, low in (("eval_batches", 1), ("max_layers", 3)):  # 3 layers: the least a rank correlation takes
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be a whole number >= {low} or None, got {value!r}")
 
 
 @dataclass
@@ -97,14 +101,6 @@ class Prepared:
     run_config: Dict[str, object]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _models(config: SensitivityConfig):
     """(float model, calibrated quantized model or None, ignore, method, calib batches, source)."""
     if config.calibrated is None:
@@ -119,7 +115,7 @@ def _models(config: SensitivityConfig):
     if method not in ptq.METHODS or not isinstance(batches, int):
         raise ValueError(f"{path.name} does not record its calibration method and batches; recreate it with "
                          "`qcourse ptq` or calibrate here (omit --calibrated)")
-    source = {"calibrated": str(path), "calibrated_sha256": _sha256(path)}
+    source = {"calibrated": str(path), "calibrated_sha256": file_sha256(path)}
     return model, qmodel, list(qmodel.ptq_info["ignore"]), method, batches, source
 
 
@@ -208,8 +204,10 @@ def run_sensitivity(config: SensitivityConfig) -> dict:
 
 def _scan_and_table(prep: Prepared, config: SensitivityConfig, proxy, out: Path, seconds: dict) -> dict:
     t = time.perf_counter()
+    layers = sensitivity.quantized_layers(prep.qmodel)[:config.max_layers]  # [:None]: all of them
     scan = sensitivity.sensitivity_analysis(prep.qmodel, prep.evaluate, out / "sensitivity.json",
-                                            prep.run_config, fresh=config.fresh, progress=config.progress)
+                                            prep.run_config, fresh=config.fresh, progress=config.progress,
+                                            layers=layers)
     seconds["scan"] = round(time.perf_counter() - t, 1)
     ranked = [r["layer"] for r in sensitivity.ranking(scan)]
     t = time.perf_counter()
