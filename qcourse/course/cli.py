@@ -1,9 +1,10 @@
 """The ``qcourse`` command.
 
-    qcourse course [--out runs/course]     the whole course on the embedded default
+    qcourse course [--out runs/course]     reproduce the course's results: stages, report, notebooks
     qcourse demo   [--out runs/demo]       the core demo only (digits CNN, 4 calibrations, ONNX)
     qcourse train  [--epochs 30 ...]       train YOLOv7-tiny on the synthetic dataset (the default checkpoint)
     qcourse eval   [--weights W --coco DIR] COCO mAP of a checkpoint (default: the shipped model)
+    qcourse ptq    [--method all]           post-training quantization with each calibration method (lesson 5)
     qcourse sensitivity [--eval-batches N]  per-layer sensitivity, resumable; top-k layers in float (lesson 6)
     qcourse qat    [--w-bits 4 --epochs 3]   quantization-aware training from the calibrated model (lesson 7)
     qcourse build  [--onnx F --precision P]  an ONNX Runtime / TensorRT engine (default: the default model, int8)
@@ -64,30 +65,15 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_course(args) -> int:
-    from qcourse.course.run import find_notebooks, run_demo, run_notebooks
+    from qcourse.course.run import run_course
+    from qcourse.course.stages import CourseConfig
 
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    notebooks = find_notebooks(args.notebooks)
-    if args.notebooks and not notebooks:  # asked for by name: a wrong folder, not "the demo only"
-        raise FileNotFoundError(f"no lesson notebooks (NN_*.ipynb) in {args.notebooks}; pass the course's "
-                                "notebooks/ folder to --notebooks")
-    try:
-        print("== core demo: quantize, calibrate, export and check a digits CNN ==")
-        run_demo(out / "demo", seed=args.seed)
-        if not notebooks:
-            print("\nno lesson notebooks found in ./notebooks: run this from the course's repository root "
-                  "(or pass --notebooks DIR). Only the core demo ran.")
-            return 0
-        print(f"\n== lessons: executing {len(notebooks)} notebooks ==")
-        rows = run_notebooks(notebooks, out / "notebooks", timeout=args.timeout)
-    except KeyboardInterrupt as e:  # run_notebooks says which notebook ran and which finished
-        where = str(e) or "interrupted during the core demo"
-        raise KeyboardInterrupt(f"{where}; rerun `qcourse course` to run again") from None
-    print("\nlesson notebook                         time")
-    for r in rows:
-        print(f"  {r['notebook']:36s} {r['seconds']:5.0f} s")
-    print(f"course finished in {time.perf_counter() - t0:.0f} s; executed notebooks are in {out / 'notebooks'}")
+    run_course(CourseConfig(out=Path(args.out), weights=args.weights, coco=args.coco, device=str(args.device),
+                            img_size=args.img_size, eval_batches=args.eval_batches, calib_batches=args.calib_batches,
+                            scan_batches=args.scan_batches, scan_layers=args.scan_layers, qat_epochs=args.qat_epochs,
+                            qat_iters=args.qat_iters, bench_iterations=args.bench_iterations,
+                            notebooks=args.notebooks, timeout=args.timeout, seed=args.seed, fresh=args.fresh,
+                            only=args.only, skip=tuple(args.skip or ()), progress=sys.stderr.isatty()))
     return 0
 
 
@@ -223,19 +209,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_course(sub):
-    p = sub.add_parser("course", help="run the whole course: the core demo, then every lesson notebook",
-                       description="Run the core demo, then execute every lesson notebook in order. An "
-                                   "executed notebook is saved under its own name only when all its cells ran.")
-    p.add_argument("--out", default="runs/course", help="folder for the demo's files and the executed "
+    from qcourse.course.stages import QAT_BUDGET, STAGE_NAMES
+
+    p = sub.add_parser(
+        "course", help="reproduce the course's results: every stage, a report, every lesson notebook",
+        description="Reproduce the course's results in stages: " + ", ".join(STAGE_NAMES) + ". Each stage is "
+                    "cached in OUT/STAGE/results.json and skipped when it was done with the same inputs (settings, "
+                    "model, data, qcourse's code); Ctrl-C keeps the finished stages. Then OUT/report.md, "
+                    "OUT/report.html (one self-contained page) and OUT/results.json are written; the executed "
+                    "notebooks are in OUT/notebooks/ with an HTML copy each. With nothing downloaded it runs the "
+                    "embedded default; `qcourse course --weights yolov7.pt --coco /data/coco --device cuda` runs "
+                    "the same stages on YOLOv7 and COCO (train2017 for calibration and QAT, val2017 for mAP).")
+    p.add_argument("--out", default="runs/course", help="folder for the stages, the report and the executed "
                    "notebooks (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="redo the chosen stages even when done with the same inputs")
+    p.add_argument("--only", choices=STAGE_NAMES, default=None, metavar="STAGE",
+                   help=f"run this stage only ({', '.join(STAGE_NAMES)}); the stages it needs must be done "
+                        "(default: all stages)")
+    p.add_argument("--skip", choices=STAGE_NAMES, action="append", default=None, metavar="STAGE",
+                   help="leave this stage out, e.g. --skip notebooks (repeatable; default: none)")
+    _add_weights(p, "YOLOv7 checkpoint for lessons 5-8, e.g. yolov7.pt with --coco")
+    _add_coco(p, "calibration and QAT on train2017, mAP on val2017")
+    _add_device(p)
+    _add_img_size(p)
+    _add_batches(p, calib_default=4, eval_note="of 32 images, in every stage")
+    p.add_argument("--scan-batches", type=_int_at_least(1), default=2,
+                   help="val batches of 32 images that each step of the sensitivity scan evaluates (default: "
+                        "%(default)s)")
+    p.add_argument("--scan-layers", type=_int_at_least(3), default=None,
+                   help="scan only the first N >= 3 quantized layers, for a quick look (default: all)")
+    p.add_argument("--qat-epochs", type=_int_at_least(1), default=None,
+                   help=f"epochs of both QAT runs, W8A8 and lesson 7's stress bits (default: {QAT_BUDGET['epochs']}; "
+                        "lesson 7 trains qcourse.yolo.qat.STRESS's epochs)")
+    p.add_argument("--qat-iters", type=_int_at_least(1), default=None,
+                   help=f"QAT optimizer steps per epoch (default: {QAT_BUDGET['iters_per_epoch']}; lesson 7: "
+                        "qcourse.yolo.qat.STRESS's)")
+    p.add_argument("--bench-iterations", type=_int_at_least(1), default=20,
+                   help="timed calls per engine and batch size (default: %(default)s)")
     p.add_argument("--notebooks", type=_existing("folder", "the course's notebooks/ folder"), default=None,
                    help="folder of the lesson notebooks NN_*.ipynb (default: ./notebooks; if that is "
-                        "missing, only the core demo runs)")
+                        "missing, the notebooks stage is left out)")
     p.add_argument("--timeout", type=_int_at_least(1), default=600,
                    help="seconds one notebook cell may run before the notebook counts as failed "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=_int_at_least(0), default=0,
-                   help="random seed of the demo's training and calibration (default: %(default)s)")
+                   help="random seed of the demo's training and calibration and of QAT's data order "
+                        "(default: %(default)s)")
     p.set_defaults(fn=_cmd_course)
 
 
@@ -623,8 +642,21 @@ def _add_sensitivity(sub):
     p.set_defaults(fn=_cmd_sensitivity)
 
 
+class _CommandList(argparse.HelpFormatter):
+    """``qcourse --help``: one line per command, however wide the terminal."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=24, width=200)
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):  # argparse counts their names 2 columns short
+            self._action_max_length += 2
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qcourse", description="INT8 quantization for TensorRT, the course.",
+                 formatter_class=_CommandList,
                  epilog="`qcourse COMMAND --help` explains a command's options. An error prints one line; "
                         "--debug (or QCOURSE_DEBUG=1) shows its traceback.")
     ap.add_argument("--version", action="version", version=f"qcourse {__version__}")

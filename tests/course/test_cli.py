@@ -345,26 +345,33 @@ def test_real_ctrl_c_while_a_cell_runs(tmp_path):
 
 
 def test_course_ctrl_c_says_what_finished_and_how_to_rerun(tmp_path, fake_kernel, monkeypatch, capsys):
-    monkeypatch.setattr(course, "run_demo", lambda *a, **k: {})
     _notebooks(tmp_path / "nb", dict(zip(LESSONS, [["ok"], ["ok"], ["ctrl-c"], ["ok"]])))
-    code, out, err = run_cli(["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb"], capsys)
+    argv = ["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb", "--only", "notebooks"]
+    code, out, err = run_cli(argv, capsys)
     assert code == 130
-    assert one_line(err) == ("qcourse: interrupted during 03_tensor_quantizer.ipynb; finished: 01, 02; "
-                             "rerun `qcourse course` to run again")
+    assert one_line(err) == ("qcourse: interrupted in stage notebooks (during 03_tensor_quantizer.ipynb; notebooks "
+                             "finished: 01, 02); finished stages are kept (none yet): rerun the same command to "
+                             "continue")
     assert not (tmp_path / "out" / "notebooks" / LESSONS[2]).exists()
+    # the rerun keeps the two finished notebooks and runs the others
+    _notebooks(tmp_path / "nb", {LESSONS[2]: ["ok"]})
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert [n for n in LESSONS if f"running {n}" in out] == LESSONS[2:]
 
 
 def test_course_ctrl_c_in_the_demo(tmp_path, monkeypatch, no_work, capsys):
     monkeypatch.setattr(course, "run_demo", _raising(KeyboardInterrupt()))
-    code, out, err = run_cli(["course", "--out", tmp_path / "out"], capsys)
+    code, out, err = run_cli(["course", "--out", tmp_path / "out", "--only", "demo"], capsys)
     assert code == 130
-    assert one_line(err) == "qcourse: interrupted during the core demo; rerun `qcourse course` to run again"
+    assert one_line(err) == ("qcourse: interrupted in stage demo; finished stages are kept (none yet): rerun the "
+                             "same command to continue")
 
 
 def test_course_failed_notebook_is_one_line_exit_1(tmp_path, fake_kernel, monkeypatch, capsys):
-    monkeypatch.setattr(course, "run_demo", lambda *a, **k: {})
     _notebooks(tmp_path / "nb", dict(zip(LESSONS, [["ok"], ["fail"]])))
-    code, out, err = run_cli(["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb"], capsys)
+    code, out, err = run_cli(["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb",
+                              "--only", "notebooks"], capsys)
     line = one_line(err)
     assert code == 1 and "02_quant.ipynb failed in code cell 1: ValueError: boom" in line
     assert "02_quant.failed.ipynb" in line

@@ -1,0 +1,385 @@
+"""The course's report: ``OUT/report.md``, a self-contained ``OUT/report.html`` and ``OUT/results.json``.
+
+:func:`write_report` takes what :func:`qcourse.course.run.run_course` collected (the settings,
+the machine, each stage's status, time and results) and writes
+
+* ``results.json`` — all of it, as data;
+* ``plots/*.png`` — the lessons' own figures (:mod:`qcourse.course.plots`) of this run;
+* ``report.md`` and ``report.html`` — the same document (built once as a list of blocks, then
+  rendered twice): the machine and versions, the stages and their times, mAP per variant,
+  the sensitivity top-10, latency / throughput / mAP per engine, the figures, and the course's
+  and NVIDIA's published figures beside the measured ones. The HTML page inlines its CSS and
+  its figures (base64 PNG), so it is one file to open or send.
+
+The table builders (:func:`map_table`, :func:`sensitivity_table`, :func:`engine_table`, ...)
+return ``(header, rows)`` of formatted strings; both renderings use them.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from qcourse.utils import atomic_write
+
+__all__ = ["PUBLISHED", "write_report", "machine_info", "report_blocks", "to_markdown", "to_html",
+           "stage_table", "map_table", "sensitivity_table", "engine_table", "published_table", "notebook_table"]
+
+Table = Tuple[List[str], List[List[str]]]
+
+#: figures published by the course (the seeds' blog notes and video) and by NVIDIA, copied as
+#: they were published: YOLOv7 on COCO val2017 at 640 px, not measured by this run
+PUBLISHED = {
+    "yolov7_fp32": {"value": "mAP@0.5:0.95 0.512, mAP@0.5 0.697", "source": "YOLOv7 (WongKinYiu/yolov7), yolov7.pt"},
+    "ptq_histogram_loss": {"value": "about 0.003 mAP lost", "source": "the course, histogram-calibrated PTQ"},
+    "ptq_max": {"value": "mAP 0.444", "source": "the course, max calibration"},
+    "tied_groups": {"value": "20 tied groups", "source": "the course, NVIDIA's placement rules on yolov7.pt"},
+    "trt": {"source": "NVIDIA-AI-IOT/yolo_deepstream yolov7_qat, Orin-X, 640 px",
+            "rows": [("TensorRT FP16", 0.5124, 140), ("TensorRT INT8, implicit PTQ", 0.4573, 207),
+                     ("TensorRT INT8, QAT (explicit Q/DQ)", 0.5113, 207)]},
+    "placement_qat_fps": {"value": "QAT engine 180 -> 207 fps", "source": "NVIDIA yolov7_qat, Q/DQ placement rules"},
+}
+_NOT_MEASURED = "published, not measured here"
+
+
+# ----------------------------------------------------------------------------- machine
+def machine_info(device: str = "cpu") -> Dict[str, str]:
+    """The machine and the versions that made the numbers."""
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    from qcourse import __version__
+    from qcourse.engines import available_backends
+    from qcourse.engines.bench import machine_line
+
+    info = {"machine": machine_line(), "platform": platform.platform(), "python": platform.python_version(),
+            "qcourse": __version__, "torch": torch.__version__, "torch threads": str(torch.get_num_threads()),
+            "numpy": numpy.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["GPU"] = torch.cuda.get_device_name(torch.device(device))
+    usable, why = available_backends()["tensorrt"]
+    info["TensorRT"] = why  # a version, or why it is not usable here
+    return info
+
+
+# ----------------------------------------------------------------------------- tables
+def _f4(x) -> str:
+    return "-" if x is None else f"{float(x):.4f}"
+
+
+def _results(data: dict, stage: str) -> Optional[dict]:
+    return (data["stages"].get(stage) or {}).get("results")
+
+
+def stage_table(data: dict) -> Table:
+    """One row per stage: what it does, its status in this run, how long it took when it ran."""
+    rows = []
+    for name, st in data["stages"].items():
+        took = "-" if st["seconds"] is None else f"{st['seconds']:.1f}"
+        rows.append([name, st["title"], st["status"], took, st["finished"] or "-"])
+    return ["stage", "what", "this run", "seconds (when it ran)", "finished"], rows
+
+
+def _stage_total(data: dict) -> float:
+    return sum(st["seconds"] or 0.0 for st in data["stages"].values())
+
+
+def map_table(data: dict) -> Table:
+    """mAP per variant: FP32, PTQ per method, QAT, and the re-quantized top-k models (on the scan subset)."""
+    rows: List[List[str]] = []
+    base = _results(data, "baseline")
+    fp32 = base["fp32"]["map"] if base else None
+
+    def add(variant, row, stage, ref=fp32, images=None):
+        delta = "-" if ref is None else f"{100 * (row['map'] - ref):+.2f}"
+        rows.append([variant, _f4(row["map"]), _f4(row.get("map50")), delta,
+                     str(images if images is not None else row.get("images", "-")), stage])
+
+    if base:
+        add("FP32", base["fp32"], "baseline")
+    ptq = _results(data, "ptq")
+    if ptq:
+        for method, row in ptq["int8"].items():
+            add(f"PTQ INT8, {method} calibration", row, "ptq")
+    qat = _results(data, "qat")
+    if qat:
+        images = base["fp32"]["images"] if base else None  # run_qat evaluates the same batches of 32
+        for res in qat["runs"].values():
+            for row in res["table"][1:]:
+                kind, bits = row["model"].split()
+                steps = f"{len(res['history'])} epoch(s) x {res['settings']['iters_per_epoch']} steps"
+                label = (f"PTQ {bits}, {res['settings']['method']} calibration (QAT's start)" if kind == "ptq" else
+                         f"QAT {bits}, best of {steps}")
+                add(label, row, "qat", images=images)
+    sens = _results(data, "sensitivity")
+    if sens:
+        ref = sens["fp32"]["map"]
+        add("FP32 (scan subset)", {"map": ref}, "sensitivity", ref=ref, images=sens["images"])
+        for row in sens["map_vs_k"]:
+            what = "INT8 (scan subset)" if row["k"] == 0 else f"INT8, top-{row['k']} layers in float"
+            add(f"{what}: {row['int8_layers']} INT8 layers", row, "sensitivity", ref=ref, images=sens["images"])
+    return ["variant", "mAP@0.5:0.95", "mAP@0.5", "vs FP32 (points)", "val images", "stage"], rows
+
+
+def sensitivity_table(data: dict, top: int = 10) -> Table:
+    """The top-``top`` layers: mAP with the layer in float, the drop it explains, the SQNR proxy; and the course's."""
+    from qcourse.yolo.sensitivity import PUBLISHED_YOLOV7_TOP10
+
+    sens = _results(data, "sensitivity")
+    rows = []
+    for i, row in enumerate(sens["top"][:top]):
+        sqnr = "-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
+        course = PUBLISHED_YOLOV7_TOP10[i] if i < len(PUBLISHED_YOLOV7_TOP10) else "-"
+        rows.append([str(row["rank"]), row["layer"], _f4(row["map"]), f"{row['drop']:+.4f}", sqnr, course])
+    return ["rank", "layer", "mAP with it in float", "drop", "SQNR dB (proxy)",
+            f"course's YOLOv7/COCO ({_NOT_MEASURED})"], rows
+
+
+def engine_table(data: dict) -> Table:
+    """Per engine and batch: latency percentiles, throughput, speed against ORT fp32, mAP."""
+    eng = _results(data, "engines")
+    rows = []
+    for name, per_batch in eng["timing"].items():
+        for b, t in per_batch.items():
+            base = eng["timing"].get("ORT fp32", {}).get(b)
+            speed = "-" if base is None else f"{t['throughput_img_s'] / base['throughput_img_s']:.2f}x"
+            m = eng["map"][name]
+            rows.append([name, b, f"{t['latency_ms_median']:.2f}", f"{t['latency_ms_p90']:.2f}",
+                         f"{t['latency_ms_p99']:.2f}", f"{t['throughput_img_s']:.1f}", speed, _f4(m["map"]),
+                         str(m["images"])])
+    return ["engine", "batch", "latency ms (median)", "p90", "p99", "images/s", "vs ORT fp32", "mAP@0.5:0.95",
+            "val images"], rows
+
+
+def published_table(data: dict) -> Table:
+    """The course's and NVIDIA's published figures beside what this run measured."""
+    base, ptq, sens, eng = (_results(data, s) for s in ("baseline", "ptq", "sensitivity", "engines"))
+    fp32 = base["fp32"]["map"] if base else None
+    measured_model = "embedded default" if data["settings"]["weights"] is None else data["settings"]["weights"]
+
+    def ptq_map(method):
+        return ptq["int8"][method]["map"] if ptq and method in ptq["int8"] else None
+
+    rows = [["FP32 accuracy", PUBLISHED["yolov7_fp32"]["value"], PUBLISHED["yolov7_fp32"]["source"],
+             f"mAP {_f4(fp32)} ({measured_model})"]]
+    mse = ptq_map("mse")
+    loss = "-" if fp32 is None or mse is None else f"{fp32 - mse:+.4f} mAP lost (FP32 minus PTQ mse)"
+    rows.append(["PTQ, histogram calibration", PUBLISHED["ptq_histogram_loss"]["value"],
+                 PUBLISHED["ptq_histogram_loss"]["source"], loss])
+    rows.append(["PTQ, max calibration", PUBLISHED["ptq_max"]["value"], PUBLISHED["ptq_max"]["source"],
+                 f"mAP {_f4(ptq_map('max'))}"])
+    rows.append(["quantizer groups tied for TensorRT", PUBLISHED["tied_groups"]["value"],
+                 PUBLISHED["tied_groups"]["source"], f"{len(ptq['tied_groups'])} tied groups" if ptq else "-"])
+    if sens:
+        from qcourse.yolo.sensitivity import PUBLISHED_YOLOV7_TOP10
+
+        rows.append(["most sensitive layers", ", ".join(PUBLISHED_YOLOV7_TOP10[:5]) + ", ...",
+                     "the course's video (YOLOv7, COCO)", ", ".join(r["layer"] for r in sens["top"][:5]) + ", ..."])
+    trt = PUBLISHED["trt"]
+    for label, m, fps in trt["rows"]:
+        rows.append([label, f"mAP {m:.4f} at {fps} fps", trt["source"], "-"])
+    speed = "-"
+    if eng and "ORT int8 PTQ" in eng["timing"]:
+        big = max(eng["timing"]["ORT fp32"], key=int)
+        t = eng["timing"]
+        ratio = t["ORT int8 PTQ"][big]["throughput_img_s"] / t["ORT fp32"][big]["throughput_img_s"]
+        speed = f"ORT int8 {ratio:.2f}x ORT fp32 at batch {big} (CPU, this machine)"
+    rows.append(["INT8 speed-up", f"{207 / 140:.2f}x FP16 (207 vs 140 fps)", trt["source"], speed])
+    rows.append(["Q/DQ placement and speed", PUBLISHED["placement_qat_fps"]["value"],
+                 PUBLISHED["placement_qat_fps"]["source"], "-"])
+    return ["figure", _NOT_MEASURED, "source", "measured here"], rows
+
+
+def notebook_table(data: dict) -> Table:
+    nbs = _results(data, "notebooks")
+    rows = [[r["notebook"], f"{r['seconds']:.0f}", f"[{r['html']}](notebooks/{r['html']})"] for r in nbs["notebooks"]]
+    return ["notebook", "seconds", "rendered"], rows
+
+
+# ----------------------------------------------------------------------------- figures
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
+
+
+def _plots(out: Path, data: dict) -> List[Tuple[Path, str]]:
+    """The lessons' figures of this run, as ``(png, caption)``."""
+    from qcourse.course.plots.engines import plot_engine_benchmark
+    from qcourse.course.plots.ptq import plot_map_bars
+    from qcourse.course.plots.sensitivity import plot_sensitivity_summary
+
+    folder = out / "plots"
+    made = []
+    base, ptq, qat = (_results(data, s) for s in ("baseline", "ptq", "qat"))
+    if base and (ptq or qat):
+        maps = {f"PTQ {m}": r["map"] for m, r in (ptq or {}).get("int8", {}).items()}
+        for res in (qat or {}).get("runs", {}).values():
+            maps.update({f"{row['model'].split()[0].upper()} {row['model'].split()[1]}": row["map"]
+                         for row in res["table"][1:]})
+        fig = plot_map_bars(maps, base["fp32"]["map"], title="mAP@0.5:0.95 per variant (dashed: FP32)")
+        made.append((_save(fig, folder / "map.png"), "mAP per variant: PTQ with each calibration method, and QAT"))
+    sens = _results(data, "sensitivity")
+    scan = out / "sensitivity" / "sensitivity.json"
+    if sens and scan.is_file():
+        from qcourse.sensitivity import load_results
+
+        fig = plot_sensitivity_summary(load_results(scan)["layers"], sens["map_vs_k"], sens["fp32"]["map"], top=10)
+        made.append((_save(fig, folder / "sensitivity.png"),
+                     f"Sensitivity on {sens['images']} val images: mAP recovered per layer, and mAP vs k"))
+    eng = _results(data, "engines")
+    if eng:
+        timing = {name: {int(b): r for b, r in per.items()} for name, per in eng["timing"].items()}
+        fig = plot_engine_benchmark(timing, {n: m["map"] for n, m in eng["map"].items()}, title=eng["machine"])
+        made.append((_save(fig, folder / "engines.png"), "Engines: latency per image and mAP"))
+    return made
+
+
+# ----------------------------------------------------------------------------- the document
+def report_blocks(data: dict, plots: Sequence[Tuple[Path, str]] = ()) -> List[tuple]:
+    """The report as blocks: ``("h1"|"h2", text)``, ``("p", text)``, ``("table", header, rows)``,
+    ``("list", items)``, ``("img", png path, caption)``. Text may hold `code` and [links](href)."""
+    s = data["settings"]
+    model = "the embedded default (YOLOv7-tiny on the synthetic shapes dataset)" if s["weights"] is None else \
+        f"{s['weights']} on {s['coco'] or 'the synthetic dataset'}"
+    blocks: List[tuple] = [
+        ("h1", "qcourse course: the course's results, reproduced"),
+        ("p", f"Generated {data['generated']} by qcourse {data['qcourse']} for {model}, device {s['device']}. "
+              "Every number below was measured by this run's stages unless it is labelled "
+              f"*{_NOT_MEASURED}*. All data: `results.json`."),
+        ("h2", "Machine and versions"),
+        ("list", [f"{k}: {v}" for k, v in data["machine"].items()]),
+        ("h2", "Stages"),
+        ("p", f"This run took {data['seconds_this_run']:.0f} s; the stages took {_stage_total(data):.0f} s when they "
+              "ran. A stage marked *cached* was done earlier with the same inputs; its time is the time it took then."),
+        ("table", *stage_table(data)),
+        ("p", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in s.items())),
+    ]
+    demo = _results(data, "demo")
+    if demo:
+        blocks += [("h2", "Lessons 1-4: the digits CNN"),
+                   ("table", ["model", "test accuracy"],
+                    [[k, f"{100 * v:.2f} %"] for k, v in demo["accuracy"].items()])]
+    header, rows = map_table(data)
+    if rows:
+        blocks += [("h2", "mAP per variant"),
+                   ("p", "FP32, PTQ with each calibration method (lesson 5), QAT (lesson 7) on the same val images; "
+                         "the sensitivity stage's re-quantized models (lesson 6) on its scan subset, beside FP32 "
+                         "and INT8 on that subset."),
+                   ("table", header, rows)]
+    if _results(data, "sensitivity"):
+        sens = _results(data, "sensitivity")
+        rho = sens["proxy_correlation"]["spearman"]
+        blocks += [("h2", "Sensitivity: the ten most sensitive layers"),
+                   ("p", f"{sens['layers_scanned']} layers scanned on {sens['images']} val images, one layer in float "
+                         f"at a time. The label-free SQNR proxy ranks them with Spearman rho "
+                         f"{'n/a' if rho is None else f'{rho:.3f}'} against the measured drops. The last column is "
+                         "the course's ranking for the full YOLOv7 on COCO: another model and other data."),
+                   ("table", *sensitivity_table(data))]
+    if _results(data, "engines"):
+        eng = _results(data, "engines")
+        blocks += [("h2", "Engines: latency, throughput and mAP"),
+                   ("p", f"{eng['machine']}; {eng['iterations']} timed calls per engine and batch size, the "
+                         "engines taking turns; mAP of each engine's own detections."),
+                   ("table", *engine_table(data))]
+    blocks += [("h2", "Published figures beside this run's"),
+               ("p", "The course's and NVIDIA's numbers are for the full YOLOv7 on COCO val2017 at 640 px "
+                     "(NVIDIA's speeds on a Jetson Orin-X GPU), copied from their publications; they are "
+                     f"*{_NOT_MEASURED}*. The right column is this run's counterpart, for its own model and machine."),
+               ("table", *published_table(data))]
+    if plots:
+        blocks.append(("h2", "Figures"))
+        blocks += [("img", png, caption) for png, caption in plots]
+    if _results(data, "notebooks"):
+        blocks += [("h2", "The lessons, executed"),
+                   ("p", "Each notebook as executed by this run, rendered to HTML with its figures "
+                         "(`notebooks/`, next to this report)."),
+                   ("table", *notebook_table(data))]
+    return blocks
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:left}th{background:#f3f3f3}code{background:#f3f3f3;padding:0 .2em}img{max-width:100%}
+figure{margin:1em 0}figcaption{font-size:.9em;color:#555}"""
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Sequence[tuple], out: Path) -> str:
+    """Markdown; figures are linked relative to ``out`` (the report's folder)."""
+    lines = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2"):
+            lines += [("# " if kind == "h1" else "## ") + b[1], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "list":
+            lines += [f"- {item}" for item in b[1]] + [""]
+        elif kind == "table":
+            header, rows = b[1], b[2]
+            lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{b[2]}]({Path(os.path.relpath(b[1], out)).as_posix()})", "", f"*{b[2]}*", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code`, *emphasis* and [links](href) as HTML."""
+    t = html.escape(str(text), quote=False)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{html.escape(m.group(2))}">{m.group(1)}</a>', t)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", t)
+
+
+def to_html(blocks: Sequence[tuple], title: str = "qcourse course report") -> str:
+    """One self-contained HTML page: inline CSS, figures as base64 PNG."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "p"):
+            parts.append(f"<{kind}>{_inline(b[1])}</{kind}>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                         f"<figcaption>{_inline(b[2])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out, data: dict) -> Dict[str, Path]:
+    """Write ``results.json``, the figures, ``report.md`` and ``report.html`` into ``out``; returns their paths."""
+    out = Path(out)
+    files = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+    with atomic_write(files["json"]) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    blocks = report_blocks(data, _plots(out, data))
+    with atomic_write(files["md"], suffix=".md") as tmp:
+        tmp.write_text(to_markdown(blocks, out), encoding="utf-8")
+    with atomic_write(files["html"], suffix=".html") as tmp:
+        tmp.write_text(to_html(blocks), encoding="utf-8")
+    return files

@@ -1,0 +1,334 @@
+"""The YOLOv7 stages of ``qcourse course``: lessons 5-8 on one model, each one call of the package.
+
+``qcourse course`` reproduces the course's numbers stage by stage (:mod:`qcourse.course.run`
+decides which stages run, caches and times them; :mod:`qcourse.course.report` writes the
+report). The stages here are the application's own runs, with the course's fast settings:
+
+* :func:`baseline` — FP32 mAP (:func:`qcourse.yolo.evaluate.evaluate`);
+* :func:`ptq` — lesson 5, every calibration method (:func:`qcourse.yolo.ptq.run_ptq`);
+* :func:`sensitivity` — lesson 6 on the PTQ stage's mse-calibrated checkpoint, a scan on an
+  evaluation subset, then re-quantization with the top-k layers in float
+  (:func:`qcourse.yolo.sensitivity.run_sensitivity`);
+* :func:`qat` — lesson 7, a short QAT (:data:`QAT_BUDGET`) at W8A8 (from the PTQ checkpoint) and at
+  lesson 7's stress setting :data:`qcourse.yolo.qat.STRESS` (:func:`qcourse.yolo.qat.run_qat`);
+* :func:`export` — the FP32, PTQ and QAT models as ONNX (:func:`qcourse.export.export_onnx`);
+* :func:`engines` — lesson 8: ONNX Runtime engines (TensorRT too with ``--device cuda`` where it
+  is installed), their latency, throughput and mAP (:mod:`qcourse.engines`).
+
+Each takes a :class:`StageContext` and returns its results as JSON-able data. With ``weights``
+and ``coco`` (``qcourse course --weights yolov7.pt --coco PATH``) the same functions run on
+real YOLOv7 and COCO.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+__all__ = ["STAGE_NAMES", "CourseConfig", "StageContext", "RECIPE_METHOD", "EVAL_BATCH", "SENSITIVITY_KS",
+           "BENCH_BATCHES", "QAT_BUDGET", "model_inputs", "qat_runs", "check_model_fits_data", "baseline", "ptq",
+           "sensitivity", "qat", "export", "engines"]
+
+# This module imports nothing heavy at the top: the ``qcourse`` command reads STAGE_NAMES and
+# CourseConfig for its --help, which must not wait for torch.
+
+#: the stages of ``qcourse course`` in the order they run (:data:`qcourse.course.run.STAGES`)
+STAGE_NAMES = ("demo", "baseline", "ptq", "sensitivity", "qat", "export", "engines", "notebooks")
+
+#: NVIDIA's recipe (histogram calibration, amax by mse): the PTQ checkpoint the later stages start from
+RECIPE_METHOD = "mse"
+#: images per evaluation batch, everywhere (``run_qat`` evaluates in batches of 32): so
+#: ``eval_batches`` means the same images in every stage
+EVAL_BATCH = 32
+#: k of the "top-k layers in float" table
+SENSITIVITY_KS = (0, 1, 3, 5, 10)
+#: batch sizes of the engine benchmark
+BENCH_BATCHES = (1, 8)
+#: the course run's short QAT budget, for both runs; lesson 7 trains longer (``STRESS``'s own epochs
+#: and steps, or ``--qat-epochs`` / ``--qat-iters``)
+QAT_BUDGET = {"epochs": 2, "iters_per_epoch": 10}
+
+
+@dataclass(frozen=True)
+class CourseConfig:
+    """One ``qcourse course`` run (the command fills it from its options).
+
+    ``weights`` / ``coco``: YOLOv7 checkpoint and COCO root (None: the embedded default and the
+    synthetic dataset). ``eval_batches``: evaluate on the first N val batches of 32 (None: all).
+    ``calib_batches``: calibration batches. ``scan_batches`` / ``scan_layers``: the sensitivity
+    scan's evaluation subset and how many layers it scans (None: all). ``qat_epochs`` /
+    ``qat_iters``: QAT budget (None: :data:`QAT_BUDGET`).
+    ``only`` / ``skip``: stage names. ``echo``: where progress lines go.
+    """
+
+    out: Path = Path("runs/course")
+    weights: Optional[Path] = None
+    coco: Optional[Path] = None
+    device: str = "cpu"
+    img_size: Optional[int] = None
+    eval_batches: Optional[int] = None
+    calib_batches: int = 4
+    scan_batches: int = 2
+    scan_layers: Optional[int] = None
+    qat_epochs: Optional[int] = None
+    qat_iters: Optional[int] = None
+    bench_iterations: int = 20
+    notebooks: Optional[Path] = None
+    timeout: int = 600
+    seed: int = 0
+    fresh: bool = False
+    only: Optional[str] = None
+    skip: Tuple[str, ...] = ()
+    progress: bool = False
+    echo: Callable[[str], None] = field(default=print, compare=False, repr=False)
+
+    def __post_init__(self):
+        from qcourse.utils import is_int
+
+        for name in ("calib_batches", "scan_batches", "bench_iterations", "timeout"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name, low in (("eval_batches", 1), ("scan_layers", 3), ("qat_epochs", 1), ("qat_iters", 1),
+                          ("img_size", 32)):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < low):
+                raise ValueError(f"{name} must be a whole number >= {low} or None, got {value!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+
+    def settings(self) -> dict:
+        """The settings as plain data (for results.json and the report)."""
+        skip = ("echo", "progress")
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in self.__dict__.items() if k not in skip}
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the settings, its own folder, the results of the stages it needs, a log."""
+
+    config: CourseConfig
+    folder: Path
+    prior: Dict[str, dict]
+    log: Callable[[str], None]
+
+    def folder_of(self, stage: str) -> Path:
+        return Path(self.config.out) / stage
+
+
+# ----------------------------------------------------------------------------- what defines the results
+def model_inputs(config: CourseConfig) -> dict:
+    """The model and data a run uses, by content where it is cheap (for the stages' fingerprints)."""
+    from qcourse.utils import file_sha256
+    from qcourse.yolo import default_checkpoint
+    from qcourse.yolo.datasets import DEFAULT_PARAMS
+
+    weights = Path(config.weights) if config.weights else default_checkpoint()
+    if config.coco:
+        annotations = Path(config.coco) / "annotations"
+        files = sorted(annotations.glob("instances_*.json")) if annotations.is_dir() else []
+        data = {"coco": str(Path(config.coco).resolve()), "annotations": {f.name: f.stat().st_size for f in files}}
+    else:
+        data = {"synthetic": dict(DEFAULT_PARAMS)}
+    return {"weights": str(config.weights) if config.weights else "embedded default",
+            "weights_sha256": file_sha256(weights), "data": data, "img_size": config.img_size,
+            "device": config.device}
+
+
+def qat_runs(config: CourseConfig) -> Dict[str, dict]:
+    """The two QAT runs, lesson 7's settings (:data:`~qcourse.yolo.qat.STRESS`: loss, lr, stress bits) at
+    W8A8 and at the stress bits, both with :data:`QAT_BUDGET` (or the ``qat_epochs`` / ``qat_iters`` given)."""
+    from qcourse.yolo.qat import STRESS
+
+    budget = {"epochs": config.qat_epochs or QAT_BUDGET["epochs"],
+              "iters_per_epoch": config.qat_iters or QAT_BUDGET["iters_per_epoch"]}
+    return {"w8a8": {**STRESS, "w_bits": 8, "a_bits": 8, **budget}, "stress": {**STRESS, **budget}}
+
+
+def _data(config: CourseConfig):
+    """``(root, train split, val split)``: COCO's train2017/val2017, or the synthetic train/val."""
+    from qcourse.yolo.datasets import ensure_default_dataset
+
+    if config.coco:
+        return Path(config.coco), "train2017", "val2017"
+    return ensure_default_dataset(progress=config.progress), "train", "val"
+
+
+def _img_size(config: CourseConfig, model) -> int:
+    return config.img_size or int(model.meta.get("img_size", 640))
+
+
+def _val_loader(config: CourseConfig, img_size: int):
+    """``(root, loader)``: the val split in batches of :data:`EVAL_BATCH`, in file order."""
+    from qcourse.yolo.datasets import create_dataloader
+
+    root, _, val = _data(config)
+    return root, create_dataloader(root, val, img_size=img_size, batch_size=EVAL_BATCH)
+
+
+def _row(result: dict) -> dict:
+    """The numbers of an evaluation the report shows, rounded as ``run_ptq`` rounds them."""
+    return {"map": round(float(result["map"]), 4), "map50": round(float(result["map50"]), 4),
+            "images": int(result["images"])}
+
+
+def check_model_fits_data(config: CourseConfig) -> None:
+    """Refuse weights whose classes do not match the dataset's, before any stage runs."""
+    from qcourse.yolo.ptq import load_float_model
+
+    model = load_float_model(config.weights)
+    dataset = _val_loader(config, _img_size(config, model))[1].dataset
+    if model.nc != dataset.nc:
+        weights = config.weights or "the embedded default"
+        data = config.coco or "the synthetic dataset"
+        raise ValueError(f"--weights {weights} predicts {model.nc} classes but {data} has {dataset.nc} "
+                         "categories; pass weights trained for that dataset (yolov7.pt with --coco, or none for "
+                         "the embedded default)")
+
+
+# ----------------------------------------------------------------------------- the stages
+def baseline(ctx: StageContext) -> dict:
+    """FP32 mAP of the fused model on the val split (or its first ``eval_batches`` batches)."""
+    from qcourse.yolo.evaluate import evaluate
+    from qcourse.yolo.ptq import load_float_model
+
+    config = ctx.config
+    model = load_float_model(config.weights).to(config.device)
+    img_size = _img_size(config, model)
+    root, loader = _val_loader(config, img_size)
+    r = evaluate(model, loader, device=config.device, progress=config.progress, max_batches=config.eval_batches)
+    ctx.log(f"FP32 mAP@0.5:0.95 {r['map']:.4f}, mAP@0.5 {r['map50']:.4f} on {r['images']} images")
+    return {"weights": str(config.weights) if config.weights else "embedded default", "arch": model.arch,
+            "classes": model.nc, "parameters": sum(p.numel() for p in model.parameters()),
+            "data": str(root),
+            "img_size": img_size, "eval_batches": config.eval_batches,
+            "fp32": {**_row(r), "model_ms_per_image": round(float(r["model_ms_per_image"]), 2)}}
+
+
+def ptq(ctx: StageContext) -> dict:
+    """Lesson 5: FP32 vs each calibration method; ``int8_<method>.pt`` / ``.onnx`` in the stage folder."""
+    from qcourse.yolo.ptq import PTQConfig, run_ptq
+
+    c = ctx.config
+    return run_ptq(PTQConfig(weights=c.weights, coco=c.coco, img_size=c.img_size, batch_size=EVAL_BATCH,
+                             calib_batches=c.calib_batches, eval_batches=c.eval_batches, device=c.device,
+                             out=ctx.folder, progress=c.progress, log=ctx.log))
+
+
+def _recipe_checkpoint(ctx: StageContext) -> Path:
+    return ctx.folder_of("ptq") / f"int8_{RECIPE_METHOD}.pt"
+
+
+def sensitivity(ctx: StageContext) -> dict:
+    """Lesson 6 on the PTQ stage's checkpoint: scan on ``scan_batches`` val batches, then top-k in float.
+
+    An interrupted scan resumes from ``sensitivity.json`` (same inputs: the stage folder is
+    emptied when they change).
+    """
+    from qcourse.yolo.sensitivity import SensitivityConfig, run_sensitivity
+
+    c = ctx.config
+    res = run_sensitivity(SensitivityConfig(calibrated=_recipe_checkpoint(ctx), coco=c.coco, img_size=c.img_size,
+                                            batch_size=EVAL_BATCH, eval_batches=c.scan_batches,
+                                            max_layers=c.scan_layers, ks=SENSITIVITY_KS, device=c.device,
+                                            out=ctx.folder, progress=c.progress, log=ctx.log))
+    n_val = len(_val_loader(c, res["config"]["img_size"])[1].dataset)
+    res["images"] = min(n_val, c.scan_batches * EVAL_BATCH)  # the scan's evaluation subset
+    return res
+
+
+def qat(ctx: StageContext) -> dict:
+    """Lesson 7, twice: W8A8 from the PTQ stage's checkpoint, and lesson 7's stress bits calibrated here.
+
+    Each run has its own folder (``w8a8/``, ``stress/``); a finished one is kept when the stage
+    reruns after an interruption, an interrupted one resumes from its ``last.pt``.
+    """
+    from qcourse.yolo.qat import YoloQATConfig, run_qat
+
+    c = ctx.config
+    runs = {}
+    for name, settings in qat_runs(c).items():
+        folder = ctx.folder / name
+        if (folder / "results.json").is_file():  # run_qat writes it last: that run finished
+            runs[name] = json.loads((folder / "results.json").read_text())
+            ctx.log(f"{name}: finished earlier, kept")
+            continue
+        eight_bit = (settings["w_bits"], settings["a_bits"]) == (8, 8)
+        ctx.log(f"{name}: QAT W{settings['w_bits']}A{settings['a_bits']}, {settings['epochs']} epochs x "
+                f"{settings['iters_per_epoch']} steps")
+        runs[name] = run_qat(YoloQATConfig(**settings, weights=c.weights,
+                                           calibrated=_recipe_checkpoint(ctx) if eight_bit else None,
+                                           coco=c.coco, img_size=c.img_size, calib_batches=c.calib_batches,
+                                           eval_batches=c.eval_batches, device=c.device, out=folder, resume=True,
+                                           seed=c.seed, progress=c.progress, log=ctx.log))
+    return {"runs": runs}
+
+
+def export(ctx: StageContext) -> dict:
+    """FP32, PTQ (the recipe's checkpoint) and QAT (W8A8 best) as ONNX, Q/DQ checked against TensorRT's rules."""
+    import torch
+
+    from qcourse import ptq as ptq_rules
+    from qcourse.export import export_onnx
+    from qcourse.yolo.ptq import load_float_model, load_quantized
+
+    c = ctx.config
+    fp32 = load_float_model(c.weights)
+    img_size = _img_size(c, fp32)
+    sources = {"fp32": c.weights or "embedded default", "ptq_int8": _recipe_checkpoint(ctx),
+               "qat_int8": ctx.folder_of("qat") / "w8a8" / "best.pt"}
+    example = torch.zeros(1, 3, img_size, img_size)
+    paths = {}
+    for name, source in sources.items():
+        model = fp32 if name == "fp32" else load_quantized(source)
+        paths[name] = export_onnx(model.eval(), example, ctx.folder / f"{name}.onnx")
+        ctx.log(f"exported {source} to {paths[name]}")
+    problems = {name: ptq_rules.check_qdq_placement(p) for name, p in paths.items() if name != "fp32"}
+    return {"img_size": img_size, "files": {name: p.name for name, p in paths.items()},
+            "sources": {name: str(s) for name, s in sources.items()}, "graphs": ptq_rules.compare_graphs(paths),
+            "placement_problems": {name: len(p) for name, p in problems.items()}}
+
+
+def _engine_specs(device: str):
+    """``(label, ONNX file, backend, precision, engine file)`` of every engine this machine can build."""
+    from qcourse.engines import available_backends
+
+    specs = [("ORT fp32", "fp32.onnx", "onnxruntime", "fp32", "ort_fp32.onnx"),
+             ("ORT int8 PTQ", "ptq_int8.onnx", "onnxruntime", "int8", "ort_int8_ptq.onnx"),
+             ("ORT int8 QAT", "qat_int8.onnx", "onnxruntime", "int8", "ort_int8_qat.onnx")]
+    if device.startswith("cuda") and available_backends()["tensorrt"][0]:
+        specs += [("TRT fp16", "fp32.onnx", "tensorrt", "fp16", "trt_fp16.engine"),
+                  ("TRT int8 PTQ", "ptq_int8.onnx", "tensorrt", "int8", "trt_int8_ptq.engine"),
+                  ("TRT int8 QAT", "qat_int8.onnx", "tensorrt", "int8", "trt_int8_qat.engine")]
+    return specs
+
+
+def engines(ctx: StageContext) -> dict:
+    """Lesson 8: build an engine from each exported file, time it at :data:`BENCH_BATCHES`, score its detections."""
+    import torch
+
+    from qcourse.engines import build_engine
+    from qcourse.engines.bench import benchmark, machine_line
+    from qcourse.yolo.engines import evaluate_engine
+
+    c = ctx.config
+    threads = torch.get_num_threads()
+    exported = ctx.folder_of("export")
+    built, described = {}, {}
+    for label, source, backend, precision, file in _engine_specs(c.device):
+        built[label] = build_engine(exported / source, ctx.folder / file, backend=backend, precision=precision,
+                                    threads=threads)
+        described[label] = {"file": file, "source": source, "backend": backend, "precision": precision,
+                            **{k: v for k, v in getattr(built[label], "info", {}).items() if k != "source"}}
+        ctx.log(f"built {built[label].describe()}")
+    shape = next(iter(built.values())).image_shape
+    timing = benchmark(built, BENCH_BATCHES, c.bench_iterations, warmup=min(3, c.bench_iterations), shape=shape)
+    root, _, val = _data(c)
+    maps = {}
+    for label, engine in built.items():
+        maps[label] = _row(evaluate_engine(engine, root=root, split=val, max_batches=c.eval_batches))
+        ctx.log(f"{label}: mAP@0.5:0.95 {maps[label]['map']:.4f}")
+    return {"machine": machine_line() + f", {threads} threads", "threads": threads, "batches": list(BENCH_BATCHES),
+            "iterations": c.bench_iterations, "engines": described, "timing": timing, "map": maps}

@@ -1,0 +1,327 @@
+"""Tests of ``qcourse course`` as the course's "reproduce the results" command (qcourse.course.run,
+.stages, .report), on a tiny slice that runs every stage in seconds: a narrow YOLOv7-tiny (a
+quarter of the channels) trained for a few steps on 32 synthetic images in COCO layout, one
+evaluation batch, one calibration batch, three layers scanned, one QAT step, one trivial notebook.
+
+The command runs through ``cli.main`` as a user runs it. The numbers in the report are checked
+against the stages' own results.json files; skipping is checked on the files themselves (a
+skipped stage leaves its results.json untouched), never on timing.
+"""
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from qcourse.course import cli, run as course
+
+ROOT = Path(__file__).resolve().parents[2]
+YOLO_STAGES = ("baseline", "ptq", "sensitivity", "qat", "export", "engines")
+
+
+def _train_narrow_model(coco: Path):
+    """YOLOv7-tiny at a quarter width, 24 Adam steps on the training images: a model whose mAP is
+    small but not zero, so the report's numbers differ from row to row."""
+    from qcourse.yolo.datasets import create_dataloader
+    from qcourse.yolo.loss import YoloLoss
+    from qcourse.yolo.models import build_model, get_config
+
+    torch.manual_seed(0)
+    cfg = get_config("yolov7-tiny", 6)
+    cfg["width_multiple"] = 0.25
+    model = build_model(cfg)
+    loader = create_dataloader(coco, "train2017", img_size=64, batch_size=8, shuffle=True)
+    loss = YoloLoss(model, 64)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(6):
+        for images, targets, *_ in loader:
+            value = loss(model(images), targets)[0]
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``{"args": the course's options for the tiny slice, "coco", "weights", "notebooks"}``."""
+    from qcourse.yolo.datasets import make_synthetic_coco
+    from qcourse.yolo.models import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    coco = root / "coco"
+    make_synthetic_coco(coco, n_train=32, n_val=16, img_size=64, progress=False, workers=1)
+    for split in ("train", "val"):  # COCO's own split names, as --coco expects them
+        (coco / "images" / split).rename(coco / "images" / f"{split}2017")
+        (coco / "annotations" / f"instances_{split}.json").rename(coco / "annotations" / f"instances_{split}2017.json")
+    weights = save_checkpoint(_train_narrow_model(coco), root / "narrow.pt", img_size=64)
+    notebooks = root / "notebooks"
+    notebooks.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# A lesson"),
+                                         nbformat.v4.new_code_cell("x = 6 * 7\nprint(x)")])
+    nbformat.write(nb, notebooks / "01_tiny.ipynb")
+    args = ["--weights", weights, "--coco", coco, "--eval-batches", "1", "--calib-batches", "1",
+            "--scan-batches", "1", "--scan-layers", "3", "--qat-epochs", "1", "--qat-iters", "1",
+            "--bench-iterations", "2", "--notebooks", notebooks]
+    return {"args": [str(a) for a in args], "coco": coco, "weights": weights, "notebooks": notebooks}
+
+
+def course_cli(out: Path, tiny: dict, *extra):
+    """``(exit status, stdout, stderr)`` of ``qcourse course`` on the tiny slice, run in-process."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["course", "--out", str(out), *tiny["args"], *map(str, extra)])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def snapshot(out: Path) -> dict:
+    """``{stage: (mtime_ns, bytes)}`` of each stage's results.json that exists."""
+    files = {name: out / name / "results.json" for name in course.STAGE_NAMES}
+    return {name: (f.stat().st_mtime_ns, f.read_bytes()) for name, f in files.items() if f.is_file()}
+
+
+def stage_results(out: Path, name: str) -> dict:
+    return json.loads((out / name / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """The course on the tiny slice twice: first Ctrl-C in the QAT stage, then to the end."""
+    from qcourse.yolo import qat
+
+    out = tmp_path_factory.mktemp("course") / "out"
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qat, "run_qat", ctrl_c)
+        first = course_cli(out, tiny)
+    after_first = snapshot(out)
+    second = course_cli(out, tiny)
+    return {"out": out, "first": first, "after_first": after_first, "second": second,
+            "after_second": snapshot(out)}
+
+
+# ------------------------------------------------------------------ reading the report back
+def md_tables(text: str) -> dict:
+    """``{section heading: [row cells, ...]}`` of every table in a markdown report (header row excluded)."""
+    tables, heading, rows = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip()
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if rows is None:
+                rows = tables.setdefault(heading, [])
+                continue  # the header
+            if set("".join(cells)) <= {"-"}:
+                continue  # the rule under the header
+            rows.append(cells)
+        else:
+            rows = None
+    return tables
+
+
+def f4(x) -> str:
+    return f"{x:.4f}"
+
+
+# ------------------------------------------------------------------ the tests
+def test_interrupted_stage_keeps_the_finished_ones(runs):
+    code, out, err = runs["first"]
+    assert code == 130 and "Traceback" not in err
+    line = err.strip()
+    assert line.startswith("qcourse: interrupted in stage qat") and "rerun the same command" in line
+    assert "(demo, baseline, ptq, sensitivity)" in line
+    assert sorted(runs["after_first"]) == sorted(["demo", "baseline", "ptq", "sensitivity"])
+    # the rerun reused them as they were and ran the rest
+    for name in ("demo", "baseline", "ptq", "sensitivity"):
+        assert runs["after_second"][name] == runs["after_first"][name], name
+        assert f"[done] {name}: done earlier with the same inputs" in runs["second"][1]
+    assert set(runs["after_second"]) == set(course.STAGE_NAMES)
+
+
+def test_second_run_completes_and_reports(runs):
+    code, out, err = runs["second"]
+    assert code == 0, err
+    assert err == ""  # no warnings, no progress bars off a terminal
+    for name in ("qat", "export", "engines", "notebooks"):
+        assert re.search(rf"^\[\d/4\] {name}: ", out, re.M), name
+        assert re.search(r"^ +done in \d+", out, re.M)
+    for f in ("report.md", "report.html", "results.json", "plots/map.png", "plots/sensitivity.png",
+              "plots/engines.png", "notebooks/01_tiny.ipynb", "notebooks/01_tiny.html"):
+        assert (runs["out"] / f).is_file(), f
+
+
+def test_report_tables_hold_the_stage_results(runs):
+    out = runs["out"]
+    tables = md_tables((out / "report.md").read_text())
+    rows = {r[0]: r for r in tables["mAP per variant"]}
+    base = stage_results(out, "baseline")["fp32"]
+    assert rows["FP32"][1:5] == [f4(base["map"]), f4(base["map50"]), "+0.00", str(base["images"])]
+    ptq = stage_results(out, "ptq")
+    assert set(ptq["int8"]) == {"max", "entropy", "mse", "percentile"}
+    for method, r in ptq["int8"].items():
+        row = rows[f"PTQ INT8, {method} calibration"]
+        assert row[1:5] == [f4(r["map"]), f4(r["map50"]), f"{100 * (r['map'] - base['map']):+.2f}", str(r["images"])]
+    qat = stage_results(out, "qat")["runs"]
+    for res in qat.values():
+        bits = res["table"][2]["model"].split()[1]
+        assert rows[f"PTQ {bits}, mse calibration (QAT's start)"][1:3] == [f4(res["table"][1]["map"]),
+                                                                           f4(res["table"][1]["map50"])]
+        qat_row = next(v for k, v in rows.items() if k.startswith(f"QAT {bits}, best of 1 epoch"))
+        assert qat_row[1:3] == [f4(res["table"][2]["map"]), f4(res["table"][2]["map50"])]
+    # W8A8 QAT starts from the PTQ stage's mse checkpoint: its PTQ row is that model, on the same images
+    assert qat["w8a8"]["table"][1]["map"] == ptq["int8"]["mse"]["map"]
+    sens = stage_results(out, "sensitivity")
+    for r in sens["map_vs_k"]:
+        label = next(k for k in rows if k.startswith("INT8") and f"{r['int8_layers']} INT8 layers" in k)
+        assert rows[label][1] == f4(r["map"]) and rows[label][4] == str(sens["images"])
+
+    top = tables["Sensitivity: the ten most sensitive layers"]
+    assert [(r[1], r[2], r[3]) for r in top] == [(t["layer"], f4(t["map"]), f"{t['drop']:+.4f}") for t in sens["top"]]
+    assert len(top) == sens["layers_scanned"] == 3
+
+    eng = stage_results(out, "engines")
+    got = {(r[0], r[1]): r for r in tables["Engines: latency, throughput and mAP"]}
+    assert len(got) == 3 * 2  # ORT fp32 / int8 PTQ / int8 QAT at batch 1 and 8
+    for name, per_batch in eng["timing"].items():
+        for b, t in per_batch.items():
+            row = got[(name, b)]
+            assert row[2] == f"{t['latency_ms_median']:.2f}" and row[5] == f"{t['throughput_img_s']:.1f}"
+            assert row[7] == f4(eng["map"][name]["map"])
+
+    notebooks = tables["The lessons, executed"]
+    assert [r[0] for r in notebooks] == ["01_tiny.ipynb"]
+
+
+def test_results_json_holds_every_stage_file(runs):
+    out = runs["out"]
+    data = json.loads((out / "results.json").read_text())
+    for name in course.STAGE_NAMES:
+        own = stage_results(out, name)
+        meta = own.pop("course_stage")
+        st = data["stages"][name]
+        assert st["results"] == own and st["seconds"] == meta["seconds"] and st["fingerprint"] == meta["fingerprint"]
+    assert data["machine"]["torch"] == torch.__version__
+
+
+def test_html_report_is_one_self_contained_page(runs):
+    out = runs["out"]
+    page = (out / "report.html").read_text()
+    assert "<link" not in page and "<script" not in page and not re.search(r"src=['\"]https?:", page)
+    assert page.count("src='data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) == 3
+    base = stage_results(out, "baseline")["fp32"]
+    assert f"<td>FP32</td><td>{f4(base['map'])}</td>" in page
+    assert "published, not measured here" in page
+    html_nb = (out / "notebooks" / "01_tiny.html").read_text()
+    assert ">A lesson<" in html_nb and "<pre>42\n</pre>" in html_nb  # its markdown and its output, rendered
+
+
+def test_second_identical_run_skips_every_stage(runs, tiny):
+    out = runs["out"]
+    before = snapshot(out)
+    code, stdout, err = course_cli(out, tiny)
+    assert code == 0, err
+    assert snapshot(out) == before  # no stage wrote its results again
+    assert len(re.findall(r"^\[done\] \w+: done earlier with the same inputs", stdout, re.M)) == len(before) == 8
+
+
+def test_only_runs_one_stage_and_fresh_redoes_it(runs, tiny):
+    out = runs["out"]
+    before = snapshot(out)
+    code, stdout, err = course_cli(out, tiny, "--only", "baseline")
+    assert code == 0 and snapshot(out) == before and "[done] baseline" in stdout and "[done] ptq" not in stdout
+    code, stdout, err = course_cli(out, tiny, "--only", "baseline", "--fresh")
+    assert code == 0, err
+    after = snapshot(out)
+    assert [n for n in before if after[n] != before[n]] == ["baseline"]
+    redone, earlier = json.loads(after["baseline"][1])["fp32"], json.loads(before["baseline"][1])["fp32"]
+    assert [redone[k] for k in ("map", "map50", "images")] == [earlier[k] for k in ("map", "map50", "images")]
+    assert "[1/1] baseline: " in stdout
+
+
+def test_no_warnings_or_engine_logs_from_a_real_process(runs, tiny, tmp_path):
+    """ORT logs from C++ and the kernel's warnings bypass sys.stderr: run the engines and notebooks
+    stages again in a real process, on a copy of the folder, and read its stderr."""
+    out = tmp_path / "copy"
+    shutil.copytree(runs["out"], out)
+    for stage in ("engines", "notebooks"):
+        r = subprocess.run([sys.executable, "-m", "qcourse", "course", "--out", str(out), *tiny["args"], "--fresh",
+                            "--only", stage], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == "", r.stderr
+        assert f"[1/1] {stage}: " in r.stdout
+
+
+# ------------------------------------------------------------------ refused before any stage runs
+def one_line_error(code, err) -> str:
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcourse: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--only", "sensitivity"], ["stage sensitivity needs", "stage ptq", "--only ptq"]),
+    (["--only", "export", "--skip", "demo"], ["--only or --skip, not both"]),
+    (["--only", "nope"], ["--only", "'nope'", "baseline"]),
+    (["--skip", "qat"], ["stage export needs", "stage qat"]),
+])
+def test_bad_choices_are_one_line_before_any_work(tiny, tmp_path, extra, words):
+    code, out, err = course_cli(tmp_path / "out", tiny, *extra)
+    line = one_line_error(code, err)
+    for w in words:
+        assert w in line, (w, line)
+    assert not (tmp_path / "out" / "demo").exists()
+
+
+def test_foreign_out_folder_is_refused(tiny, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    line = one_line_error(*course_cli(tmp_path / "mine", tiny, "--only", "demo")[::2])
+    assert "--out" in line and "thesis.tex" in line and "pass a new or empty folder" in line
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
+
+
+def test_weights_that_do_not_fit_the_data_are_refused(tiny, tmp_path):
+    from qcourse.yolo.models import build_model, get_config, save_checkpoint
+
+    cfg = get_config("yolov7-tiny", 3)
+    cfg["width_multiple"] = 0.25
+    three = save_checkpoint(build_model(cfg), tmp_path / "three.pt", img_size=64)
+    args = [a if a != str(tiny["weights"]) else str(three) for a in tiny["args"]]
+    code, out, err = course_cli(tmp_path / "out", {"args": args}, "--only", "baseline")
+    line = one_line_error(code, err)
+    assert "predicts 3 classes" in line and "6 categories" in line and "three.pt" in line
+
+
+def test_fingerprints_follow_the_inputs(tiny):
+    """A setting changes the fingerprint of the stages that use it and of every stage after them."""
+    from qcourse.course.stages import CourseConfig
+
+    notebooks = course.find_notebooks(tiny["notebooks"])
+    base = CourseConfig(weights=tiny["weights"], coco=tiny["coco"], notebooks=tiny["notebooks"])
+    fps, _ = course._fingerprints(base, notebooks)
+    assert course._fingerprints(base, notebooks)[0] == fps  # deterministic
+
+    def changed(**kw):
+        other = course._fingerprints(CourseConfig(**{**base.__dict__, **kw}), notebooks)[0]
+        return [n for n in course.STAGE_NAMES if other[n] != fps[n]]
+
+    assert changed(calib_batches=2) == ["ptq", "sensitivity", "qat", "export", "engines"]
+    assert changed(scan_batches=3) == ["sensitivity"]
+    assert changed(qat_iters=3) == ["qat", "export", "engines"]
+    assert changed(seed=1) == ["demo", "qat", "export", "engines"]
+    assert changed(bench_iterations=3) == ["engines"]
+    assert changed(device="cuda:0") == list(YOLO_STAGES)
+    assert changed(timeout=5, fresh=True, only="demo") == []  # how to run, not what is computed
