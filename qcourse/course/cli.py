@@ -219,7 +219,10 @@ def _add_course(sub):
                     "OUT/report.html (one self-contained page) and OUT/results.json are written; the executed "
                     "notebooks are in OUT/notebooks/ with an HTML copy each. With nothing downloaded it runs the "
                     "embedded default; `qcourse course --weights yolov7.pt --coco /data/coco --device cuda` runs "
-                    "the same stages on YOLOv7 and COCO (train2017 for calibration and QAT, val2017 for mAP).")
+                    "the same stages on YOLOv7 and COCO (train2017 for calibration and QAT, val2017 for mAP; the "
+                    "engines are TensorRT's where it is installed, else ONNX Runtime's on the CPU, slow on all of "
+                    "val2017: add --eval-batches N or --skip engines; NVIDIA's QAT budget is --qat-epochs 10 "
+                    "--qat-iters 200).")
     p.add_argument("--out", default="runs/course", help="folder for the stages, the report and the executed "
                    "notebooks (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="redo the chosen stages even when done with the same inputs")

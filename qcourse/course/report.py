@@ -144,19 +144,19 @@ def sensitivity_table(data: dict, top: int = 10) -> Table:
 
 
 def engine_table(data: dict) -> Table:
-    """Per engine and batch: latency percentiles, throughput, speed against ORT fp32, mAP."""
+    """Per engine and batch: latency percentiles, throughput, speed against the reference engine, mAP."""
     eng = _results(data, "engines")
     rows = []
     for name, per_batch in eng["timing"].items():
         for b, t in per_batch.items():
-            base = eng["timing"].get("ORT fp32", {}).get(b)
+            base = eng["timing"][eng["reference"]].get(b)
             speed = "-" if base is None else f"{t['throughput_img_s'] / base['throughput_img_s']:.2f}x"
             m = eng["map"][name]
             rows.append([name, b, f"{t['latency_ms_median']:.2f}", f"{t['latency_ms_p90']:.2f}",
                          f"{t['latency_ms_p99']:.2f}", f"{t['throughput_img_s']:.1f}", speed, _f4(m["map"]),
                          str(m["images"])])
-    return ["engine", "batch", "latency ms (median)", "p90", "p99", "images/s", "vs ORT fp32", "mAP@0.5:0.95",
-            "val images"], rows
+    return ["engine", "batch", "latency ms (median)", "p90", "p99", "images/s", f"vs {eng['reference']}",
+            "mAP@0.5:0.95", "val images"], rows
 
 
 def published_table(data: dict) -> Table:
@@ -171,7 +171,7 @@ def published_table(data: dict) -> Table:
     rows = [["FP32 accuracy", PUBLISHED["yolov7_fp32"]["value"], PUBLISHED["yolov7_fp32"]["source"],
              f"mAP {_f4(fp32)} ({measured_model})"]]
     mse = ptq_map("mse")
-    loss = "-" if fp32 is None or mse is None else f"{fp32 - mse:+.4f} mAP lost (FP32 minus PTQ mse)"
+    loss = "-" if fp32 is None or mse is None else f"{fp32 - mse:.4f} mAP lost (FP32 minus PTQ mse)"
     rows.append(["PTQ, histogram calibration", PUBLISHED["ptq_histogram_loss"]["value"],
                  PUBLISHED["ptq_histogram_loss"]["source"], loss])
     rows.append(["PTQ, max calibration", PUBLISHED["ptq_max"]["value"], PUBLISHED["ptq_max"]["source"],
@@ -187,11 +187,12 @@ def published_table(data: dict) -> Table:
     for label, m, fps in trt["rows"]:
         rows.append([label, f"mAP {m:.4f} at {fps} fps", trt["source"], "-"])
     speed = "-"
-    if eng and "ORT int8 PTQ" in eng["timing"]:
-        big = max(eng["timing"]["ORT fp32"], key=int)
-        t = eng["timing"]
-        ratio = t["ORT int8 PTQ"][big]["throughput_img_s"] / t["ORT fp32"][big]["throughput_img_s"]
-        speed = f"ORT int8 {ratio:.2f}x ORT fp32 at batch {big} (CPU, this machine)"
+    if eng:
+        t, ref = eng["timing"], eng["reference"]
+        int8 = next(name for name in t if name.endswith("int8 PTQ"))
+        big = max(t[ref], key=int)
+        ratio = t[int8][big]["throughput_img_s"] / t[ref][big]["throughput_img_s"]
+        speed = f"{int8} {ratio:.2f}x {ref} at batch {big} (this machine)"
     rows.append(["INT8 speed-up", f"{207 / 140:.2f}x FP16 (207 vs 140 fps)", trt["source"], speed])
     rows.append(["Q/DQ placement and speed", PUBLISHED["placement_qat_fps"]["value"],
                  PUBLISHED["placement_qat_fps"]["source"], "-"])
@@ -200,8 +201,9 @@ def published_table(data: dict) -> Table:
 
 def notebook_table(data: dict) -> Table:
     nbs = _results(data, "notebooks")
-    rows = [[r["notebook"], f"{r['seconds']:.0f}", f"[{r['html']}](notebooks/{r['html']})"] for r in nbs["notebooks"]]
-    return ["notebook", "seconds", "rendered"], rows
+    rows = [[r["notebook"], f"{r['seconds']:.0f}", "kept from an earlier run" if r.get("status") == "kept" else "ran",
+             f"[{r['html']}](notebooks/{r['html']})"] for r in nbs["notebooks"]]
+    return ["notebook", "seconds (when it ran)", "in this stage", "rendered"], rows
 
 
 # ----------------------------------------------------------------------------- figures

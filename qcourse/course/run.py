@@ -20,6 +20,7 @@ finished ones. Then :func:`qcourse.course.report.write_report` writes ``OUT/repo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -298,13 +299,14 @@ def _notebooks_stage(ctx: StageContext) -> dict:
     config = ctx.config
     ledger_path = ctx.folder / ".notebooks.json"
     ledger = _read_json(ledger_path) or {}
-    code, rows = _code_hash(), []
+    code, rows = ctx.inputs["code"], []
     for path in find_notebooks(config.notebooks):
         fp = hashlib.sha256(path.read_bytes() + code.encode()).hexdigest()[:16]
         row = ledger.get(path.name)
         if (row and row.get("fingerprint") == fp and (ctx.folder / path.name).is_file()
                 and (ctx.folder / row["html"]).is_file()):
             config.echo(f"  {path.name}: unchanged since it ran in {row['seconds']:.0f} s, kept")
+            row = {**row, "status": "kept"}
         else:
             try:
                 ran = run_notebooks([path], ctx.folder, timeout=config.timeout, echo=config.echo)[0]
@@ -314,6 +316,7 @@ def _notebooks_stage(ctx: StageContext) -> dict:
             row = {"notebook": path.name, "seconds": round(ran["seconds"], 1), "html": html.name, "fingerprint": fp}
             ledger[path.name] = row
             _write_json(ledger_path, ledger)
+            row = {**row, "status": "ran"}
         rows.append(row)
     return {"notebooks": [{k: v for k, v in r.items() if k != "fingerprint"} for r in rows]}
 
@@ -370,7 +373,7 @@ def _summary_export(r: dict) -> str:
 
 def _summary_engines(r: dict) -> str:
     big = str(max(r["batches"]))
-    base = r["timing"]["ORT fp32"][big]["throughput_img_s"]
+    base = r["timing"][r["reference"]][big]["throughput_img_s"]
     speeds = [f"{name} {t[big]['throughput_img_s'] / base:.2f}x (mAP {r['map'][name]['map']:.4f})"
               for name, t in r["timing"].items()]
     return f"batch {big}: " + ", ".join(speeds)
@@ -506,7 +509,7 @@ def _run_stage(st: Stage, config: CourseConfig, fp: str, inputs: dict, records: 
             log_file.write(f"{line}\n")
             log_file.flush()
 
-        results = st.run(StageContext(config, folder, {n: records[n] for n in st.needs}, log))
+        results = st.run(StageContext(config, folder, {n: records[n] for n in st.needs}, log, inputs))
     seconds = time.perf_counter() - t0
     record = json.loads(json.dumps(results))  # what the file will hold (int keys become strings, tuples lists)
     record["course_stage"] = {"name": st.name, "fingerprint": fp, "inputs": inputs, "seconds": round(seconds, 1),
@@ -561,7 +564,8 @@ def run_course(config: CourseConfig) -> dict:
             raise _interrupted(st, e, [n for n in STAGE_NAMES if n in done]) from None
         except Exception:
             status[st.name] = "failed"
-            report.write_report(out, _collect(config, fps, records, done, status, t0))
+            with contextlib.suppress(Exception):  # the report of the finished stages; the stage's error matters
+                report.write_report(out, _collect(config, fps, records, done, status, t0))
             raise
         done.add(st.name)
         status[st.name] = "ran"

@@ -12,8 +12,8 @@ report). The stages here are the application's own runs, with the course's fast 
 * :func:`qat` — lesson 7, a short QAT (:data:`QAT_BUDGET`) at W8A8 (from the PTQ checkpoint) and at
   lesson 7's stress setting :data:`qcourse.yolo.qat.STRESS` (:func:`qcourse.yolo.qat.run_qat`);
 * :func:`export` — the FP32, PTQ and QAT models as ONNX (:func:`qcourse.export.export_onnx`);
-* :func:`engines` — lesson 8: ONNX Runtime engines (TensorRT too with ``--device cuda`` where it
-  is installed), their latency, throughput and mAP (:mod:`qcourse.engines`).
+* :func:`engines` — lesson 8: ONNX Runtime engines (TensorRT's instead with ``--device cuda`` where
+  it is installed), their latency, throughput and mAP (:mod:`qcourse.engines`).
 
 Each takes a :class:`StageContext` and returns its results as JSON-able data. With ``weights``
 and ``coco`` (``qcourse course --weights yolov7.pt --coco PATH``) the same functions run on
@@ -107,12 +107,14 @@ class CourseConfig:
 
 @dataclass
 class StageContext:
-    """What a stage gets: the settings, its own folder, the results of the stages it needs, a log."""
+    """What a stage gets: the settings, its own folder, the results of the stages it needs, a log,
+    and its inputs as fingerprinted (``inputs["code"]``: the hash of qcourse's code this run uses)."""
 
     config: CourseConfig
     folder: Path
     prior: Dict[str, dict]
     log: Callable[[str], None]
+    inputs: Dict[str, object] = field(default_factory=dict)
 
     def folder_of(self, stage: str) -> Path:
         return Path(self.config.out) / stage
@@ -292,17 +294,20 @@ def export(ctx: StageContext) -> dict:
 
 
 def _engine_specs(device: str):
-    """``(label, ONNX file, backend, precision, engine file)`` of every engine this machine can build."""
+    """``(label, ONNX file, backend, precision, engine file)`` of the engines to compare, the reference first.
+
+    TensorRT's (FP16 as the reference, as NVIDIA compares) with ``--device cuda`` where TensorRT is
+    installed; ONNX Runtime's on the CPU otherwise.
+    """
     from qcourse.engines import available_backends
 
-    specs = [("ORT fp32", "fp32.onnx", "onnxruntime", "fp32", "ort_fp32.onnx"),
-             ("ORT int8 PTQ", "ptq_int8.onnx", "onnxruntime", "int8", "ort_int8_ptq.onnx"),
-             ("ORT int8 QAT", "qat_int8.onnx", "onnxruntime", "int8", "ort_int8_qat.onnx")]
     if device.startswith("cuda") and available_backends()["tensorrt"][0]:
-        specs += [("TRT fp16", "fp32.onnx", "tensorrt", "fp16", "trt_fp16.engine"),
-                  ("TRT int8 PTQ", "ptq_int8.onnx", "tensorrt", "int8", "trt_int8_ptq.engine"),
-                  ("TRT int8 QAT", "qat_int8.onnx", "tensorrt", "int8", "trt_int8_qat.engine")]
-    return specs
+        return [("TRT fp16", "fp32.onnx", "tensorrt", "fp16", "trt_fp16.engine"),
+                ("TRT int8 PTQ", "ptq_int8.onnx", "tensorrt", "int8", "trt_int8_ptq.engine"),
+                ("TRT int8 QAT", "qat_int8.onnx", "tensorrt", "int8", "trt_int8_qat.engine")]
+    return [("ORT fp32", "fp32.onnx", "onnxruntime", "fp32", "ort_fp32.onnx"),
+            ("ORT int8 PTQ", "ptq_int8.onnx", "onnxruntime", "int8", "ort_int8_ptq.onnx"),
+            ("ORT int8 QAT", "qat_int8.onnx", "onnxruntime", "int8", "ort_int8_qat.onnx")]
 
 
 def engines(ctx: StageContext) -> dict:
@@ -331,4 +336,5 @@ def engines(ctx: StageContext) -> dict:
         maps[label] = _row(evaluate_engine(engine, root=root, split=val, max_batches=c.eval_batches))
         ctx.log(f"{label}: mAP@0.5:0.95 {maps[label]['map']:.4f}")
     return {"machine": machine_line() + f", {threads} threads", "threads": threads, "batches": list(BENCH_BATCHES),
-            "iterations": c.bench_iterations, "engines": described, "timing": timing, "map": maps}
+            "iterations": c.bench_iterations, "reference": next(iter(built)), "engines": described, "timing": timing,
+            "map": maps}

@@ -325,3 +325,14 @@ def test_fingerprints_follow_the_inputs(tiny):
     assert changed(bench_iterations=3) == ["engines"]
     assert changed(device="cuda:0") == list(YOLO_STAGES)
     assert changed(timeout=5, fresh=True, only="demo") == []  # how to run, not what is computed
+
+
+def test_engines_are_tensorrt_on_a_gpu_with_tensorrt_else_onnxruntime(monkeypatch):
+    from qcourse import engines
+    from qcourse.course import stages
+
+    monkeypatch.setattr(engines, "available_backends", lambda: {"onnxruntime": (True, "1"), "tensorrt": (True, "10")})
+    assert [s[0] for s in stages._engine_specs("cuda:0")] == ["TRT fp16", "TRT int8 PTQ", "TRT int8 QAT"]
+    assert [s[0] for s in stages._engine_specs("cpu")] == ["ORT fp32", "ORT int8 PTQ", "ORT int8 QAT"]
+    monkeypatch.setattr(engines, "available_backends", lambda: {"onnxruntime": (True, "1"), "tensorrt": (False, "no")})
+    assert stages._engine_specs("cuda")[0][2:4] == ("onnxruntime", "fp32")
