@@ -287,7 +287,7 @@ def _measure(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str
 
 
 def _bar(total: int, initial: int, progress: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     # disable=None hides the bar when stderr is not a terminal (CI logs, notebooks run by nbval)
     return tqdm(total=total, initial=initial, desc="sensitivity", unit="layer", leave=False,

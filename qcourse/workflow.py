@@ -70,7 +70,7 @@ def default_batch_input(batch):
 def _progress(iterable, total, desc, progress):
     if not progress:
         return iterable
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=None, leave=False)
 

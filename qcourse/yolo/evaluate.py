@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .datasets.coco import CocoDetection, create_dataloader
 from .postprocess import non_max_suppression, scale_boxes

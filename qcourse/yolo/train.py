@@ -243,7 +243,7 @@ def train_epoch(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, ema
     sums = torch.zeros(4)
     it = loader
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         it = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None, leave=False)
     for bi, (imgs, targets, *_) in enumerate(it):

@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 try:  # the lock of ensure_default_dataset (POSIX only)
     import fcntl
