@@ -246,8 +246,10 @@ class Stage:
 
     ``inputs(config, notebooks)``: the settings its results depend on; ``model``: whether the
     model and data (weights, COCO, image size, device) are inputs too; ``needs``: the stages
-    whose results it reads; ``summary(results)``: its progress line; ``keep_files``: keep its
-    folder when the inputs change (the notebooks stage re-executes only changed notebooks).
+    whose results it reads; ``summary(results)``: its progress line. Its folder is emptied
+    before it runs, except that a ``resumable`` stage keeps the files of an interrupted run with
+    the same inputs (a sensitivity scan, a QAT run resume from them), and a ``keep_files`` stage
+    keeps them even when the inputs change (the notebooks stage re-executes only changed notebooks).
     """
 
     name: str
@@ -257,6 +259,7 @@ class Stage:
     inputs: Callable[[CourseConfig, List[Path]], dict]
     needs: Tuple[str, ...] = ()
     model: bool = True
+    resumable: bool = False
     keep_files: bool = False
 
 
@@ -398,10 +401,10 @@ STAGES: Tuple[Stage, ...] = (
     Stage("sensitivity", "sensitivity scan and re-quantization with the top-k layers in float (lesson 6)",
           stages.sensitivity, _summary_sensitivity,
           lambda c, nb: {"scan_batches": c.scan_batches, "scan_layers": c.scan_layers, "ks": stages.SENSITIVITY_KS},
-          needs=("ptq",)),
+          needs=("ptq",), resumable=True),
     Stage("qat", "short QAT at W8A8 and at lesson 7's stress setting (lesson 7)", stages.qat, _summary_qat,
           lambda c, nb: {"runs": stages.qat_runs(c), "eval_batches": c.eval_batches,
-                         "calib_batches": c.calib_batches, "seed": c.seed}, needs=("ptq",)),
+                         "calib_batches": c.calib_batches, "seed": c.seed}, needs=("ptq",), resumable=True),
     Stage("export", "ONNX export of the FP32, PTQ and QAT models", stages.export, _summary_export,
           _inputs(), needs=("ptq", "qat")),
     Stage("engines", "ONNX Runtime engines: latency, throughput and mAP (lesson 8)", stages.engines,
@@ -484,10 +487,11 @@ def _claim(out: Path) -> None:
     (out / _MARKER).write_text("made by `qcourse course`: its stage folders are rewritten when their inputs change\n")
 
 
-def _prepare_folder(folder: Path, fingerprint: str, fresh: bool, keep_files: bool) -> None:
-    """Empty the stage's folder when its files come from other inputs (or ``fresh``); keep them to resume."""
-    old = (_read_json(folder / ".inputs.json") or {}).get("fingerprint")
-    if folder.exists() and (fresh or (old != fingerprint and not keep_files)):
+def _prepare_folder(folder: Path, fingerprint: str, fresh: bool, st: Stage) -> None:
+    """Empty the stage's folder, unless its files can be resumed from (see :class:`Stage`)."""
+    same = (_read_json(folder / ".inputs.json") or {}).get("fingerprint") == fingerprint
+    keep = st.keep_files or (st.resumable and same)
+    if folder.exists() and (fresh or not keep):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").unlink(missing_ok=True)  # from now on the folder's files are in the making
@@ -501,7 +505,7 @@ def _duration(seconds: float) -> str:
 def _run_stage(st: Stage, config: CourseConfig, fp: str, inputs: dict, records: Dict[str, dict], step: str) -> dict:
     """Run one stage in its folder; its ``results.json`` (results + ``course_stage``) is written last."""
     folder = Path(config.out) / st.name
-    _prepare_folder(folder, fp, config.fresh, st.keep_files)
+    _prepare_folder(folder, fp, config.fresh, st)
     config.echo(f"{step} {st.name}: {st.title} ...")
     t0 = time.perf_counter()
     with open(folder / "log.txt", "a") as log_file:  # the package's own messages: kept, off the terminal

@@ -336,3 +336,25 @@ def test_engines_are_tensorrt_on_a_gpu_with_tensorrt_else_onnxruntime(monkeypatc
     assert [s[0] for s in stages._engine_specs("cpu")] == ["ORT fp32", "ORT int8 PTQ", "ORT int8 QAT"]
     monkeypatch.setattr(engines, "available_backends", lambda: {"onnxruntime": (True, "1"), "tensorrt": (False, "no")})
     assert stages._engine_specs("cuda")[0][2:4] == ("onnxruntime", "fp32")
+
+
+@pytest.mark.parametrize("kind,same,fresh,kept", [
+    ("plain", True, False, False),        # e.g. ptq: an interrupted run's leftovers never pile up
+    ("resumable", True, False, True),     # sensitivity, qat: resume the interrupted run with the same inputs
+    ("resumable", False, False, False),   # ... but never one made with other inputs
+    ("resumable", True, True, False),     # --fresh starts over
+    ("keep_files", False, False, True),   # notebooks: each notebook has its own fingerprint
+    ("keep_files", True, True, False),
+])
+def test_stage_folder_is_emptied_unless_it_can_resume(tmp_path, kind, same, fresh, kept):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / ".inputs.json").write_text(json.dumps({"fingerprint": "abc"}))
+    (folder / "partial.bin").write_bytes(b"work done before Ctrl-C")
+    (folder / "results.json").write_text("{}")
+    st = course.Stage("x", "a stage", lambda ctx: {}, str, lambda c, nb: {}, resumable=kind == "resumable",
+                      keep_files=kind == "keep_files")
+    course._prepare_folder(folder, "abc" if same else "def", fresh, st)
+    assert (folder / "partial.bin").exists() == kept
+    assert not (folder / "results.json").exists()  # never done until the stage writes it again
+    assert json.loads((folder / ".inputs.json").read_text())["fingerprint"] == ("abc" if same else "def")
