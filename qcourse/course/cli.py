@@ -95,14 +95,14 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from qcourse.yolo import default_checkpoint, models
-    from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
+    from qcourse.yolo.datasets import create_dataloader, dataset_splits
     from qcourse.yolo.evaluate import evaluate
 
     weights = args.weights or default_checkpoint()
     model = models.load_checkpoint(weights)
     img_size = args.img_size or int(model.meta.get("img_size", 640))
-    root = args.coco or ensure_default_dataset()
-    split = args.split or ("val2017" if args.coco else "val")
+    root, _, val = dataset_splits(args.coco, progress=True)
+    split = args.split or val
     loader = create_dataloader(root, split, img_size=img_size, batch_size=args.batch_size)
     res = evaluate(model, loader, device=args.device, max_batches=args.max_batches)
     print(f"{weights.name} on {root} [{split}] at {img_size} px: mAP@0.5:0.95 = {res['map']:.4f}, "

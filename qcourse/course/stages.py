@@ -151,11 +151,9 @@ def qat_runs(config: CourseConfig) -> Dict[str, dict]:
 
 def _data(config: CourseConfig):
     """``(root, train split, val split)``: COCO's train2017/val2017, or the synthetic train/val."""
-    from qcourse.yolo.datasets import ensure_default_dataset
+    from qcourse.yolo.datasets import dataset_splits
 
-    if config.coco:
-        return Path(config.coco), "train2017", "val2017"
-    return ensure_default_dataset(progress=config.progress), "train", "val"
+    return dataset_splits(config.coco, config.progress)
 
 
 def _img_size(config: CourseConfig, model) -> int:

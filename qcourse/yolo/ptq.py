@@ -297,10 +297,9 @@ def ort_agreement(qmodel: nn.Module, onnx_path, loader, batches: int = 1, conf: 
 
 # ----------------------------------------------------------------------------- the run
 def _loaders(config: PTQConfig, img_size: int):
-    from .datasets import create_dataloader, ensure_default_dataset
+    from .datasets import create_dataloader, dataset_splits
 
-    root = config.coco or ensure_default_dataset(progress=config.progress)
-    train, val = ("train2017", "val2017") if config.coco else ("train", "val")
+    root, train, val = dataset_splits(config.coco, config.progress)
     # calibration: the first N batches of the training images in a fixed order (no augmentation)
     calib = create_dataloader(root, train, img_size=img_size, batch_size=config.batch_size, shuffle=False)
     val_loader = create_dataloader(root, val, img_size=img_size, batch_size=config.batch_size)

@@ -141,10 +141,9 @@ def recovered(fp32: float, ptq_map: float, qat_map: float) -> Optional[float]:
 
 # ----------------------------------------------------------------------------- the run
 def _loaders(config: YoloQATConfig, img_size: int):
-    from .datasets import create_dataloader, ensure_default_dataset
+    from .datasets import create_dataloader, dataset_splits
 
-    root = config.coco or ensure_default_dataset(progress=config.progress)
-    train, val = ("train2017", "val2017") if config.coco else ("train", "val")
+    root, train, val = dataset_splits(config.coco, config.progress)
     # calibration as lesson 5: the first N training batches in file order; QAT: the same images,
     # shuffled by qcourse.qat from the seed, without augmentation (a short fine-tune, not training)
     calib = create_dataloader(root, train, img_size=img_size, batch_size=config.batch_size, shuffle=False)

@@ -375,3 +375,12 @@ def test_missing_paths_give_clear_errors(tmp_path, syn):
         CocoDetection(tmp_path / "gone", "val2017")
     with pytest.raises(ValueError, match="multiple of the stride 32"):
         CocoDetection(syn, "val", img_size=100)
+
+
+def test_dataset_splits_coco_or_the_synthetic_default(tmp_path):
+    from qcourse.yolo.datasets import dataset_splits, ensure_default_dataset
+
+    assert dataset_splits(tmp_path) == (tmp_path, "train2017", "val2017")
+    root, train, val = dataset_splits(None)
+    assert (root, train, val) == (ensure_default_dataset(progress=False), "train", "val")
+    assert (root / "images" / train).is_dir() and (root / "images" / val).is_dir()

@@ -7,7 +7,12 @@
 * :mod:`qcourse.yolo.datasets.synthetic` — :func:`make_synthetic_coco` writes a deterministic
   shapes dataset in COCO layout; :func:`ensure_default_dataset` creates (once) the
   default that lessons 5-8 train, calibrate and evaluate on.
+* :func:`dataset_splits` — where a run's images come from: COCO's train2017/val2017 under a
+  given root, or the synthetic default's train/val.
 """
+from pathlib import Path
+from typing import Optional, Tuple
+
 from .coco import (
     COCO80_NAMES,
     COCO80_TO_91,
@@ -52,4 +57,14 @@ __all__ = [
     "make_synthetic_coco",
     "render_image",
     "verify_synthetic_coco",
+    "dataset_splits",
 ]
+
+
+def dataset_splits(coco=None, progress: bool = False) -> Tuple[Path, str, str]:
+    """``(root, train split, val split)``: ``coco``'s train2017/val2017, or (``coco`` None) the
+    synthetic default's train/val, created on first use."""
+    if coco:
+        return Path(coco), "train2017", "val2017"
+    return Path(ensure_default_dataset(progress=progress)), "train", "val"
+
