@@ -477,12 +477,36 @@ def _cmd_build(args) -> int:
         onnx_path = files["qdq" if args.precision == "int8" else "fp32"]
         print(f"exported the default YOLOv7-tiny to {files['fp32']} and {files['qdq']} (Q/DQ, "
               f"{args.calib_batches} calibration batches)")
+    calibration = None
+    if args.backend == "onnxruntime" and args.precision == "int8" and args.output_calib != "none":
+        calibration = _build_calibration(onnx_path, args)
     t0 = time.perf_counter()
-    engine = build_engine(onnx_path, out, backend=args.backend, precision=args.precision, batch=args.batch)
+    engine = build_engine(onnx_path, out, backend=args.backend, precision=args.precision, batch=args.batch,
+                          calibration=calibration, calib_method=args.output_calib)
     extra = getattr(engine, "info", {})
     done = f"; {extra['convs']} Convs run integer kernels, {extra['float_convs']} float" if "convs" in extra else ""
+    if extra.get("calibrated_convs"):
+        done += f" ({extra['calibrated_convs']} with outputs calibrated by {extra['calib_method']})"
     print(f"built {engine.describe()} from {onnx_path} in {time.perf_counter() - t0:.1f} s{done}")
     return 0
+
+
+def _build_calibration(onnx_path: Path, args):
+    """Training images at the ONNX input's size for the Convs that feed float Convs, or None if none do."""
+    from qcourse.engines.ort_int8 import calibration_targets
+    from qcourse.export import load_onnx
+    from qcourse.yolo.datasets import dataset_splits
+    from qcourse.yolo.engines import calibration_batches
+
+    model = load_onnx(onnx_path)
+    if not calibration_targets(model):
+        return None
+    dims = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or dims[2] is None or dims[2] != dims[3]:
+        raise ValueError(f"{onnx_path} takes input of shape {dims}; calibrating its conv outputs needs a fixed "
+                         "square image size (export with one), or pass --output-calib none")
+    root, train, _ = dataset_splits(args.coco, progress=False)
+    return calibration_batches(img_size=dims[2], batches=args.calib_batches, root=root, split=train)
 
 
 def _bench_table(results, maps, machine: str) -> str:
@@ -543,7 +567,13 @@ def _add_build(sub):
     p.add_argument("--batch", type=_int_at_least(1), nargs=3, default=[1, 8, 32], metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT's dynamic-batch profile (default: 1 8 32; ONNX Runtime takes any batch)")
     p.add_argument("--calib-batches", type=_int_at_least(1), default=4,
-                   help="train batches of 32 images that calibrate the default model (default: %(default)s)")
+                   help="train batches of 32 images that calibrate the default model and the outputs "
+                        "--output-calib calibrates (default: %(default)s)")
+    p.add_argument("--output-calib", default="entropy", choices=["entropy", "mse", "percentile", "max", "none"],
+                   help="onnxruntime int8: how to calibrate the outputs of the quantized Convs that feed float "
+                        "Convs (the 3 before YOLOv7's float head), so that ORT runs them in INT8 too; 'none' "
+                        "leaves them float: exactly the fake-quant model, slower (default: %(default)s)")
+    _add_coco(p, "its train2017 images calibrate those outputs", layout="train2017/ and annotations/")
     p.set_defaults(fn=_cmd_build)
 
 

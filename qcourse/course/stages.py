@@ -308,6 +308,12 @@ def _engine_specs(device: str):
             ("ORT int8 QAT", "qat_int8.onnx", "onnxruntime", "int8", "ort_int8_qat.onnx")]
 
 
+def _onnx_size(path) -> int:
+    from qcourse.export import load_onnx
+
+    return load_onnx(path).graph.input[0].type.tensor_type.shape.dim[2].dim_value
+
+
 def engines(ctx: StageContext) -> dict:
     """Lesson 8: build an engine from each exported file, time it at :data:`BENCH_BATCHES`, score its detections."""
     import torch
@@ -320,15 +326,21 @@ def engines(ctx: StageContext) -> dict:
     threads = torch.get_num_threads()
     exported = ctx.folder_of("export")
     built, described = {}, {}
+    root, train, val = _data(c)
     for label, source, backend, precision, file in _engine_specs(c.device):
+        calibration = None
+        if backend == "onnxruntime" and precision == "int8":  # the Convs before the float head (lesson 8)
+            from qcourse.yolo.engines import calibration_batches
+
+            calibration = calibration_batches(img_size=_onnx_size(exported / source), batches=c.calib_batches,
+                                              root=root, split=train)
         built[label] = build_engine(exported / source, ctx.folder / file, backend=backend, precision=precision,
-                                    threads=threads)
+                                    threads=threads, calibration=calibration)
         described[label] = {"file": file, "source": source, "backend": backend, "precision": precision,
                             **{k: v for k, v in getattr(built[label], "info", {}).items() if k != "source"}}
         ctx.log(f"built {built[label].describe()}")
     shape = next(iter(built.values())).image_shape
     timing = benchmark(built, BENCH_BATCHES, c.bench_iterations, warmup=min(3, c.bench_iterations), shape=shape)
-    root, _, val = _data(c)
     maps = {}
     for label, engine in built.items():
         maps[label] = _row(evaluate_engine(engine, root=root, split=val, max_batches=c.eval_batches))

@@ -15,7 +15,7 @@ caller's job (the YOLO layer passes the engine to ``qcourse.yolo.evaluate.evalua
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from qcourse.engines.base import (BACKENDS, PRECISIONS, BackendUnavailable, Engine, EngineError, PathLike,
                                   check_precision)
@@ -39,7 +39,8 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
 
 def build_engine(onnx_path: PathLike, out: PathLike, backend: str = "onnxruntime", precision: str = "int8",
                  *, batch: Sequence[int] = (1, 8, 32), timing_cache: Optional[PathLike] = None,
-                 threads: Optional[int] = None) -> Engine:
+                 threads: Optional[int] = None, calibration: Optional[Iterable] = None,
+                 calib_method: str = "entropy") -> Engine:
     """Build an engine from ``onnx_path``, save it to ``out`` and return it loaded.
 
     Args:
@@ -50,6 +51,10 @@ def build_engine(onnx_path: PathLike, out: PathLike, backend: str = "onnxruntime
         batch: (min, opt, max) batch of TensorRT's optimization profile (ORT takes any).
         timing_cache: TensorRT's timing cache file (default: next to ``out``).
         threads: ORT intra-op threads of the returned engine (default: ORT's choice).
+        calibration, calib_method: onnxruntime int8 only: input batches that calibrate the
+            outputs of the Convs feeding float Convs, so that those run integer kernels too
+            (:func:`qcourse.engines.ort.build`). TensorRT needs none: it runs such a Conv in
+            INT8 with a float output.
     """
     check_precision(backend, precision)
     out = Path(out)
@@ -62,7 +67,8 @@ def build_engine(onnx_path: PathLike, out: PathLike, backend: str = "onnxruntime
         return trt.load(trt.build(onnx_path, out, precision, batch=batch, timing_cache=timing_cache))
     from qcourse.engines import ort
 
-    return ort.load(ort.build(onnx_path, out, precision), threads=threads)
+    return ort.load(ort.build(onnx_path, out, precision, calibration=calibration, calib_method=calib_method),
+                    threads=threads)
 
 
 def load_engine(path: PathLike, threads: Optional[int] = None) -> Engine:

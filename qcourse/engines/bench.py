@@ -48,10 +48,12 @@ def benchmark(engines: Dict[str, Callable], batches: Sequence[int], iterations: 
     """Time every engine at every batch size, side by side.
 
     The engines take turns in ``rounds`` rounds of ``iterations / rounds`` calls each
-    (default: one call per turn), so a burst of load on a shared machine hits them all
-    instead of one. Returns ``{name: {batch: summary}}``.
+    (default: 5 rounds), so a burst of load on a shared machine hits them all instead of
+    one; each turn starts with an untimed call, so what the previous engine left behind
+    (its threads winding down, its weights in the caches) is not timed. Returns
+    ``{name: {batch: summary}}``.
     """
-    rounds = max(1, min(rounds or iterations, iterations))
+    rounds = max(1, min(rounds or 5, iterations))
     per_round = max(1, iterations // rounds)
     out = {name: {} for name in engines}
     for b in batches:

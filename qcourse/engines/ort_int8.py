@@ -28,24 +28,36 @@ runs DequantizeLinear + a float Conv, slower than the FP32 model (0.62x on the d
 5. ``_requantize_transparent``: a Q/DQ after Concat / MaxPool / Resize whose inputs are
    all on one grid (so ORT runs them on uint8). Exact.
 6. ``_drop_requantize``: ``DQ(s, z) -> Q(s, z)`` pairs left by steps 4-5 are removed. Exact.
-7. ``_split_concats``: one copy of a Concat per Q node reading it (QLinearConcat needs a
+7. ``_merge_quantizers``: Q nodes reading one tensor with the same scale become one (ORT
+   forms an integer MaxPool / QLinearConcat only under a single Q). Exact.
+8. ``_split_concats``: one copy of a Concat per Q node reading it (QLinearConcat needs a
    single Q). Exact.
+9. ``_float_weights``: a Conv that stays float reads its weight as a float constant
+   (``DQ(codes)`` computed once) so that ORT pre-packs it. Exact.
 
 Convs whose output feeds anything else (the float detection head, a graph output, Q
-nodes of different scales) keep a float output: the rewrite never guesses a scale.
+nodes of different scales) keep a float output: the rewrite never guesses a scale. It
+can *measure* one: the Convs that feed only float Convs (in YOLOv7 the three 3x3 Convs
+before the float detection head, the largest in the network) are listed by
+:func:`calibration_targets`; :func:`calibrate_outputs` runs the Q/DQ graph on
+calibration images and picks each output's amax with qcourse's calibrators (lesson 4),
+and ``to_ort_int8(..., output_amax=...)`` quantizes those outputs (``_quantize_calibrated``,
+one extra rounding where TensorRT would run an INT8 Conv with a float output; ORT has no
+such kernel). The activation after them, and the head, stay float.
+
 ``exact_only=True`` stops before the inexact part of step 4, so tests can check that
 every other step leaves the outputs bit-identical.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from qcourse.engines.base import EngineError
 
-__all__ = ["to_ort_int8", "strip_qdq", "qdq_summary", "cpu_has_vnni"]
+__all__ = ["to_ort_int8", "strip_qdq", "qdq_summary", "cpu_has_vnni", "calibration_targets", "calibrate_outputs"]
 
 #: ops through which a per-tensor quantization commutes exactly (max, copy, select)
 _TRANSPARENT = ("Concat", "MaxPool", "Resize")
@@ -277,10 +289,12 @@ def _quantized_conv(graph: _Graph, node) -> bool:
     return all(f is not None and f.op_type == "DequantizeLinear" for f in feeds)
 
 
-def _quantize_outputs(graph: _Graph, exact_only: bool) -> int:
-    """Step 4: Q/DQ after activations (exact) and after Convs (not exact); returns Convs done."""
+def _quantize_outputs(graph: _Graph, exact_only: bool, skip=frozenset()) -> int:
+    """Step 4: Q/DQ after activations (exact) and after Convs (not exact); returns Convs done.
+
+    ``skip``: names of Convs whose output is quantized already (the calibrated ones)."""
     memo, plan, after, done = {}, [], defaultdict(list), 0
-    for conv in [n for n in graph.g.node if _quantized_conv(graph, n)]:
+    for conv in [n for n in graph.g.node if _quantized_conv(graph, n) and n.name not in skip]:
         users = graph.consumers[conv.output[0]]
         act = users[0] if len(users) == 1 and users[0].op_type in _ACTIVATIONS else None
         qp = _choose_qparams(_requests(graph, (act or conv).output[0], memo), exact_only)
@@ -298,6 +312,123 @@ def _quantize_outputs(graph: _Graph, exact_only: bool) -> int:
             after[conv.name] += nodes
             _quantize_bias(graph, conv)
             done += 1
+    _rebuild(graph, after, set())
+    return done
+
+
+def _feeds_float_convs(graph: _Graph, conv) -> bool:
+    """True when ``conv``'s output, directly or through one activation, is read only by Convs
+    and Q nodes, at least one of them a Conv that is not quantized (a float head)."""
+    users = graph.consumers[conv.output[0]]
+    if len(users) == 1 and users[0].op_type in _ACTIVATIONS:
+        tensor = users[0].output[0]
+        users = graph.consumers[tensor]
+    else:
+        tensor = conv.output[0]
+    if tensor in graph.outputs or not users:
+        return False
+    if any(u.op_type not in ("Conv", "QuantizeLinear") or u.input[0] != tensor for u in users):
+        return False
+    return any(u.op_type == "Conv" and not _quantized_conv(graph, u) for u in users)
+
+
+def calibration_targets(model) -> List[str]:
+    """Outputs of quantized Convs that feed float Convs: what ``output_amax`` can quantize.
+
+    A quantized Conv (Q/DQ on its input and weight) only becomes an integer kernel in ORT
+    with a quantized output; these have no scale to reuse, so they need calibrating.
+    """
+    graph = _Graph(model)
+    return [n.output[0] for n in graph.g.node if _quantized_conv(graph, n) and _feeds_float_convs(graph, n)]
+
+
+def calibrate_outputs(model, tensors: Sequence[str], batches: Iterable, method: str = "entropy",
+                      threads: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
+    """``{tensor: amax}`` of ``tensors`` of the ONNX ``model`` run by ORT on ``batches``.
+
+    ``batches``: float32 arrays (or tensors) the model's single input takes. ``method``:
+    ``"max"``, or a histogram method of lesson 4 (``"entropy"``, TensorRT's and the
+    default; ``"mse"``, ``"percentile"`` at 99.99). The graph is run as exported, so the
+    statistics are those of the fake-quantized model these outputs belong to.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from qcourse.calib import METHODS, HistogramCalibrator, MaxCalibrator
+
+    if method not in ("max",) + tuple(METHODS):
+        raise ValueError(f"calibration method must be one of {('max',) + tuple(METHODS)}, got {method!r}")
+    tensors = list(tensors)
+    if not tensors:
+        return {}
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {n for node in probe.graph.node for n in node.output}
+    missing = [t for t in tensors if t not in known]
+    if missing:
+        raise EngineError(f"the ONNX model has no tensor {missing[0]!r} to calibrate; use calibration_targets(model)")
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+    from qcourse.engines.ort import session_options
+
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    cals = {t: MaxCalibrator() if method == "max" else HistogramCalibrator() for t in tensors}
+    seen = 0
+    for x in _progress(batches, progress):
+        x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
+        for t, y in zip(tensors, sess.run(tensors, {name: x})):
+            cals[t].collect(torch.from_numpy(y))
+        seen += 1
+    if not seen:
+        raise EngineError("no calibration batches: pass at least one batch of images to calibrate the outputs of "
+                          f"{len(tensors)} Convs (or none, and they stay float)")
+    amax = {}
+    for t, cal in cals.items():
+        a = cal.compute_amax() if method == "max" else cal.compute_amax(
+            method, **({"percentile": 99.99} if method == "percentile" else {}))
+        a = float(a.reshape(()))
+        if not np.isfinite(a) or a <= 0:
+            raise EngineError(f"calibrating {t!r} gave amax {a}: its values were all zero on the calibration "
+                              "images; calibrate on real images")
+        amax[t] = a
+    return amax
+
+
+def _progress(items, on: bool):
+    if not on:
+        return items
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc="calibrating conv outputs", disable=not sys.stderr.isatty(), leave=False)
+
+
+def _quantize_calibrated(graph: _Graph, output_amax: Dict[str, float]) -> set:
+    """Q/DQ (uint8, zero point 128, scale amax / 127) on each calibrated Conv output. Not exact.
+
+    The symmetric range of every other activation here; the Conv's bias becomes int32 as
+    in step 4. The activation after the Conv and the float Convs it feeds are untouched.
+    Returns the names of the Convs done.
+    """
+    for y, amax in output_amax.items():
+        if not isinstance(amax, (int, float, np.floating, np.integer)) or not np.isfinite(amax) or amax <= 0:
+            raise ValueError(f"output_amax[{y!r}] must be a finite number > 0, got {amax!r}")
+    targets = {n.output[0]: n for n in graph.g.node if _quantized_conv(graph, n) and _feeds_float_convs(graph, n)}
+    wrong = sorted(set(output_amax) - set(targets))
+    if wrong:
+        raise EngineError(f"output_amax names {wrong[0]!r}, which is not the output of a quantized Conv feeding "
+                          "float Convs; calibrate the tensors calibration_targets(model) lists")
+    after, done = {}, set()
+    for y, amax in output_amax.items():
+        conv = targets[y]
+        nodes, dq = _qdq_pair(graph, y, (float(amax) / 127.0, 128, "uint8"), f"{conv.name}_calibrated")
+        _rename_input(graph, y, dq, skip={nodes[0].name})
+        after[conv.name] = nodes
+        _quantize_bias(graph, conv)
+        done.add(conv.name)
     _rebuild(graph, after, set())
     return done
 
@@ -359,6 +490,31 @@ def _requantize_transparent(graph: _Graph) -> None:
         _rebuild(graph, after, set())
 
 
+def _merge_quantizers(graph: _Graph) -> None:
+    """Q nodes that read one tensor with the same scale and zero point become one. Exact.
+
+    YOLOv7's lesson-5 rules tie the input scales of the Convs reading one tensor (after a
+    MaxPool, a Concat), so the export has a Q per Conv computing the same codes. ORT turns
+    ``DQ -> MaxPool -> Q`` into an integer MaxPool and ``DQ... -> Concat -> Q`` into
+    QLinearConcat only when a single Q reads the result.
+    """
+    drop = set()
+    for tensor, users in list(graph.consumers.items()):
+        first = {}
+        for q in users:
+            if q.op_type != "QuantizeLinear" or q.input[0] != tensor or q.output[0] in graph.outputs:
+                continue
+            qp = graph.qparams(q)
+            if qp is None:
+                continue
+            if qp in first:
+                _rename_input(graph, q.output[0], first[qp].output[0])
+                drop.add(q.name)
+            else:
+                first[qp] = q
+    _rebuild(graph, {}, drop)
+
+
 def _split_concats(graph: _Graph) -> None:
     """A Concat of dequantized inputs read by several Q nodes becomes one Concat per Q. Exact.
 
@@ -381,6 +537,42 @@ def _split_concats(graph: _Graph) -> None:
             u.input[0] = copy.output[0]
             after[n.name].append(copy)
     _rebuild(graph, after, set())
+
+
+def _output_quantized(graph: _Graph, conv) -> bool:
+    users = graph.consumers[conv.output[0]]
+    return bool(users) and all(u.op_type == "QuantizeLinear" for u in users)
+
+
+def _float_weights(graph: _Graph) -> int:
+    """Step 8: a Conv that stays float gets its weight as a float constant, ``DQ(codes)``. Exact.
+
+    ORT keeps ``DequantizeLinear`` nodes unfolded (for its own Q/DQ fusions), so a float
+    Conv reading ``DQ(W codes)`` sees a weight computed at run time: it cannot pre-pack it
+    and falls back to a slow im2col path (on the default at batch 8 the three Convs before
+    the float head took 40 % of the INT8 model's time). The constant holds the values the
+    DQ would compute, ``(codes - zero point) * scale`` in float32, so outputs are unchanged.
+    Returns the number of Convs changed.
+    """
+    done = 0
+    for conv in graph.g.node:
+        dq = graph.producer.get(conv.input[1]) if conv.op_type == "Conv" and len(conv.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or _output_quantized(graph, conv):
+            continue
+        codes, scale = graph.array(dq.input[0]), graph.array(dq.input[1])
+        zp = graph.array(dq.input[2]) if len(dq.input) > 2 else np.zeros_like(scale, dtype=np.int8)
+        if codes is None or scale is None or zp is None:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        w = ((codes.astype(np.int32) - zp.astype(np.int32).reshape(shape)).astype(np.float32)
+             * scale.astype(np.float32).reshape(shape))
+        conv.input[1] = graph.add_init(f"{conv.name}_weight_float", w.astype(np.float32))
+        done += 1
+    graph.refresh()
+    return done
 
 
 def _drop_requantize(graph: _Graph) -> None:
@@ -422,7 +614,8 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & set(flags))
 
 
-def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto"):
+def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto",
+                output_amax: Optional[Dict[str, float]] = None):
     """A copy of the Q/DQ ``onnx.ModelProto`` that ONNX Runtime runs with QLinearConv (see module doc).
 
     ``weight_dtype="uint8"`` stores the int8 weight codes shifted to uint8/zero point 128
@@ -431,9 +624,12 @@ def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto"):
     without VNNI add product pairs in 16 bits and can saturate (see ``_weights_to_uint8``);
     ``"auto"`` (default) picks ``"int8"`` where this CPU has VNNI, else ``"uint8"``.
 
+    ``output_amax``: ``{conv output: amax}`` from :func:`calibrate_outputs` for the Convs
+    :func:`calibration_targets` lists; those become integer kernels too (one more rounding).
+
     Returns ``(model, info)`` where ``info`` counts what was rewritten: ``convs`` (Convs
-    with a quantized output, i.e. integer kernels), ``float_convs`` (the rest), and says
-    the ``weight_dtype`` used.
+    with a quantized output, i.e. integer kernels, the calibrated ones included),
+    ``float_convs`` (the rest), ``calibrated_convs``, and says the ``weight_dtype`` used.
     """
     import onnx
 
@@ -441,6 +637,8 @@ def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto"):
         raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}")
     if weight_dtype == "auto":
         weight_dtype = "int8" if cpu_has_vnni() else "uint8"
+    if output_amax and exact_only:
+        raise ValueError("output_amax adds a rounding to each calibrated Conv output; exact_only=True cannot take it")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = _Graph(model)
     if not any(n.op_type == "QuantizeLinear" for n in graph.g.node):
@@ -451,14 +649,18 @@ def to_ort_int8(model, exact_only: bool = False, weight_dtype: str = "auto"):
     _drop_float_casts(graph)
     _fold_weights(graph, weight_dtype)
     _to_uint8(graph)
-    done = _quantize_outputs(graph, exact_only)
+    calibrated = _quantize_calibrated(graph, dict(output_amax or {}))
+    done = _quantize_outputs(graph, exact_only, skip=calibrated) + len(calibrated)
     _requantize_transparent(graph)
     _drop_requantize(graph)
+    _merge_quantizers(graph)
     _split_concats(graph)
+    _float_weights(graph)
     _prune(graph)
     convs = sum(n.op_type == "Conv" for n in graph.g.node)
     onnx.checker.check_model(model)
-    return model, {"convs": done, "float_convs": convs - done, "weight_dtype": weight_dtype}
+    return model, {"convs": done, "float_convs": convs - done, "calibrated_convs": len(calibrated),
+                   "weight_dtype": weight_dtype}
 
 
 def strip_qdq(model):

@@ -16,7 +16,7 @@ from qcourse import export
 from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
 from qcourse.yolo.evaluate import evaluate
 
-__all__ = ["HEAD_IGNORE", "default_models", "export_default_onnx", "evaluate_engine"]
+__all__ = ["HEAD_IGNORE", "default_models", "export_default_onnx", "evaluate_engine", "calibration_batches"]
 
 #: the detection head's convs stay float: boxes in pixels and scores share no good scale
 HEAD_IGNORE = (r"model\.77\.m\..*",)
@@ -56,6 +56,26 @@ def export_default_onnx(out_dir: Union[str, Path], img_size: int = 160, **calib)
     example = torch.zeros(1, 3, img_size, img_size)
     return {"fp32": export.export_onnx(fp32, example, out_dir / "fp32.onnx"),
             "qdq": export.export_onnx(fq, example, out_dir / "qdq.onnx"), "models": (fp32, fq)}
+
+
+def calibration_batches(img_size: int = 160, batches: int = 4, batch_size: int = 32, root=None,
+                        split: str = "train"):
+    """The first ``batches`` batches of ``split`` as float32 arrays (N, 3, img_size, img_size).
+
+    What ``build_engine(..., calibration=...)`` takes to calibrate the outputs of the three
+    Convs before the float head (:func:`qcourse.engines.ort_int8.calibration_targets`):
+    training images, as for the model's own calibration.
+    """
+    if batches < 1:
+        raise ValueError(f"calibration needs at least one batch, got batches={batches}")
+    root = root or ensure_default_dataset(progress=False)
+    loader = create_dataloader(root, split, img_size=int(img_size), batch_size=batch_size)
+    out = []
+    for imgs, *_ in loader:
+        out.append(imgs.numpy().astype("float32", copy=False))
+        if len(out) == batches:
+            break
+    return out
 
 
 def evaluate_engine(engine, img_size: Optional[int] = None, batch_size: int = 32, root=None, split: str = "val",
