@@ -43,7 +43,7 @@ from .models.checkpoint import (QUANTIZED_FORMAT, CheckpointError, float_model_f
 
 __all__ = [
     "PTQConfig", "load_float_model", "default_ignore", "quantizable_layers", "check_ignore", "quantize",
-    "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "QUANTIZED_FORMAT_VERSION",
+    "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "loaders", "QUANTIZED_FORMAT_VERSION",
 ]
 
 QUANTIZED_FORMAT_VERSION = 1
@@ -296,13 +296,19 @@ def ort_agreement(qmodel: nn.Module, onnx_path, loader, batches: int = 1, conf: 
 
 
 # ----------------------------------------------------------------------------- the run
-def _loaders(config: PTQConfig, img_size: int):
+def loaders(coco, batch_size: int, img_size: int, progress: bool = False):
+    """``(root, calibration loader, val loader)`` of lesson 5, for PTQ and the sensitivity scan.
+
+    Calibration reads the training images (train2017 with ``coco``, else the synthetic train
+    split) in a fixed order, without augmentation, so the first N batches are always the same;
+    val is for mAP.
+    """
     from .datasets import create_dataloader, dataset_splits
 
-    root, train, val = dataset_splits(config.coco, config.progress)
+    root, train, val = dataset_splits(coco, progress)
     # calibration: the first N batches of the training images in a fixed order (no augmentation)
-    calib = create_dataloader(root, train, img_size=img_size, batch_size=config.batch_size, shuffle=False)
-    val_loader = create_dataloader(root, val, img_size=img_size, batch_size=config.batch_size)
+    calib = create_dataloader(root, train, img_size=img_size, batch_size=batch_size, shuffle=False)
+    val_loader = create_dataloader(root, val, img_size=img_size, batch_size=batch_size)
     return root, calib, val_loader
 
 
@@ -318,7 +324,7 @@ def _prepare(config: PTQConfig):
     model = load_float_model(config.weights)
     img_size = config.img_size or int(model.meta.get("img_size", 640))
     qmodel, info = quantize(model, config.ignore, rules=config.rules)
-    root, calib, val = _loaders(config, img_size)
+    root, calib, val = loaders(config.coco, config.batch_size, img_size, config.progress)
     return model.to(config.device), qmodel.to(config.device), info, img_size, root, calib, val
 
 

@@ -126,8 +126,7 @@ def prepare(config: SensitivityConfig) -> Prepared:
     model, qmodel, ignore, method, calib_batches, source = _models(config)
     img_size = config.img_size or int(model.meta.get("img_size", 640))
     # the loaders of lesson 5: calibration on the first training batches in a fixed order, val for mAP
-    root, calib, val = yptq._loaders(yptq.PTQConfig(coco=config.coco, batch_size=config.batch_size,
-                                                    progress=config.progress), img_size)
+    root, calib, val = yptq.loaders(config.coco, config.batch_size, img_size, config.progress)
     model = model.to(config.device).eval()
     if qmodel is None:
         qmodel = _calibrated(model, ignore, method, calib, calib_batches, config)

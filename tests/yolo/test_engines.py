@@ -82,7 +82,10 @@ def test_int8_engine_map_matches_fake_quant(default):
 def test_build_and_bench_commands(default, tmp_path, capsys):
     out = tmp_path / "e.onnx"
     assert main(["build", "--onnx", str(default["qdq"]), "--precision", "int8", "--out", str(out)]) == 0
-    assert "55 Convs run integer kernels, 3 float" in capsys.readouterr().out
+    assert "55 Convs run integer kernels, 3 float (3 with outputs calibrated by entropy)" in capsys.readouterr().out
+    plain = tmp_path / "plain.onnx"
+    assert main(["build", "--onnx", str(default["qdq"]), "--output-calib", "none", "--out", str(plain)]) == 0
+    assert "52 Convs run integer kernels, 6 float" in capsys.readouterr().out
     js = tmp_path / "bench.json"
     assert main(["bench", "--engine", str(out), "--engine", str(default["dir"] / "fp32e.onnx"), "--batch", "1", "2",
                  "--iterations", "2", "--warmup", "1", "--threads", "1", "--no-map", "--json", str(js)]) == 0
