@@ -471,7 +471,13 @@ def _cmd_build(args) -> int:
                            f"{'.engine' if args.backend == 'tensorrt' else '.onnx'}")
     onnx_path = args.onnx
     if onnx_path is None:  # the embedded default: export it first, next to the engine
+        from qcourse.export import is_qcourse_export
         from qcourse.yolo.engines import export_default_onnx
+
+        for name in ("fp32.onnx", "qdq.onnx"):  # never overwrite a user's file of the same name
+            if (out.parent / name).exists() and not is_qcourse_export(out.parent / name):
+                raise ValueError(f"{out.parent / name} exists and was not exported by qcourse; the default model "
+                                 f"is exported next to --out, so pass an --out in another folder")
 
         files = export_default_onnx(out.parent, calib_batches=args.calib_batches)
         onnx_path = files["qdq" if args.precision == "int8" else "fp32"]
@@ -493,6 +499,7 @@ def _cmd_build(args) -> int:
 
 def _build_calibration(onnx_path: Path, args):
     """Training images at the ONNX input's size for the Convs that feed float Convs, or None if none do."""
+    from qcourse.engines.base import onnx_input_shape
     from qcourse.engines.ort_int8 import calibration_targets
     from qcourse.export import load_onnx
     from qcourse.yolo.datasets import dataset_splits
@@ -501,7 +508,7 @@ def _build_calibration(onnx_path: Path, args):
     model = load_onnx(onnx_path)
     if not calibration_targets(model):
         return None
-    dims = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    dims = list(onnx_input_shape(model))
     if len(dims) != 4 or dims[2] is None or dims[2] != dims[3]:
         raise ValueError(f"{onnx_path} takes input of shape {dims}; calibrating its conv outputs needs a fixed "
                          "square image size (export with one), or pass --output-calib none")

@@ -308,12 +308,6 @@ def _engine_specs(device: str):
             ("ORT int8 QAT", "qat_int8.onnx", "onnxruntime", "int8", "ort_int8_qat.onnx")]
 
 
-def _onnx_size(path) -> int:
-    from qcourse.export import load_onnx
-
-    return load_onnx(path).graph.input[0].type.tensor_type.shape.dim[2].dim_value
-
-
 def engines(ctx: StageContext) -> dict:
     """Lesson 8: build an engine from each exported file, time it at :data:`BENCH_BATCHES`, score its detections."""
     import torch
@@ -327,13 +321,18 @@ def engines(ctx: StageContext) -> dict:
     exported = ctx.folder_of("export")
     built, described = {}, {}
     root, train, val = _data(c)
+    calib = None  # train images for the Convs before the float head (lesson 8), loaded once
     for label, source, backend, precision, file in _engine_specs(c.device):
         calibration = None
-        if backend == "onnxruntime" and precision == "int8":  # the Convs before the float head (lesson 8)
-            from qcourse.yolo.engines import calibration_batches
+        if backend == "onnxruntime" and precision == "int8":
+            if calib is None:
+                from qcourse.engines.base import onnx_input_shape
+                from qcourse.export import load_onnx
+                from qcourse.yolo.engines import calibration_batches
 
-            calibration = calibration_batches(img_size=_onnx_size(exported / source), batches=c.calib_batches,
-                                              root=root, split=train)
+                size = onnx_input_shape(load_onnx(exported / source))[2]
+                calib = calibration_batches(img_size=size, batches=c.calib_batches, root=root, split=train)
+            calibration = calib
         built[label] = build_engine(exported / source, ctx.folder / file, backend=backend, precision=precision,
                                     threads=threads, calibration=calibration)
         described[label] = {"file": file, "source": source, "backend": backend, "precision": precision,

@@ -96,3 +96,8 @@ class Engine:
 def shape_tuple(dims: Sequence) -> Tuple[Optional[int], ...]:
     """ONNX / ORT dims as ints, ``None`` for a symbolic one."""
     return tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
+
+
+def onnx_input_shape(model) -> Tuple[Optional[int], ...]:
+    """The first input's shape of an ``onnx.ModelProto``, ``None`` for a symbolic dim (the batch)."""
+    return shape_tuple([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])

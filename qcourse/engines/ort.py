@@ -53,7 +53,7 @@ def _has_qdq(model) -> bool:
 
 
 def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dtype: str = "auto",
-          calibration: Optional[Iterable] = None, calib_method: str = "entropy", progress: bool = False) -> Path:
+          calibration: Optional[Iterable] = None, calib_method: str = "entropy") -> Path:
     """Write the ORT engine for ``precision`` built from ``onnx_path`` to ``out``; returns ``out``.
 
     ``calibration``: batches of input images (float32 arrays or tensors). For int8 they
@@ -71,7 +71,7 @@ def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dt
     if precision == "int8":
         amax = {}
         if calibration is not None:
-            amax = calibrate_outputs(model, calibration_targets(model), calibration, calib_method, progress=progress)
+            amax = calibrate_outputs(model, calibration_targets(model), calibration, calib_method)
             info.update(calib_method=calib_method, output_amax=amax)
         model, counts = to_ort_int8(model, weight_dtype=weight_dtype, output_amax=amax)
         info.update(counts)

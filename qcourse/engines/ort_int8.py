@@ -55,7 +55,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from qcourse.engines.base import EngineError
+from qcourse.engines.base import EngineError, as_batch
 
 __all__ = ["to_ort_int8", "strip_qdq", "qdq_summary", "cpu_has_vnni", "calibration_targets", "calibrate_outputs"]
 
@@ -332,18 +332,21 @@ def _feeds_float_convs(graph: _Graph, conv) -> bool:
     return any(u.op_type == "Conv" and not _quantized_conv(graph, u) for u in users)
 
 
+def _targets(graph: _Graph) -> Dict[str, object]:
+    return {n.output[0]: n for n in graph.g.node if _quantized_conv(graph, n) and _feeds_float_convs(graph, n)}
+
+
 def calibration_targets(model) -> List[str]:
     """Outputs of quantized Convs that feed float Convs: what ``output_amax`` can quantize.
 
     A quantized Conv (Q/DQ on its input and weight) only becomes an integer kernel in ORT
     with a quantized output; these have no scale to reuse, so they need calibrating.
     """
-    graph = _Graph(model)
-    return [n.output[0] for n in graph.g.node if _quantized_conv(graph, n) and _feeds_float_convs(graph, n)]
+    return list(_targets(_Graph(model)))
 
 
 def calibrate_outputs(model, tensors: Sequence[str], batches: Iterable, method: str = "entropy",
-                      threads: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
+                      threads: Optional[int] = None) -> Dict[str, float]:
     """``{tensor: amax}`` of ``tensors`` of the ONNX ``model`` run by ORT on ``batches``.
 
     ``batches``: float32 arrays (or tensors) the model's single input takes. ``method``:
@@ -376,9 +379,8 @@ def calibrate_outputs(model, tensors: Sequence[str], batches: Iterable, method: 
     name = sess.get_inputs()[0].name
     cals = {t: MaxCalibrator() if method == "max" else HistogramCalibrator() for t in tensors}
     seen = 0
-    for x in _progress(batches, progress):
-        x = np.ascontiguousarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
-        for t, y in zip(tensors, sess.run(tensors, {name: x})):
+    for x in batches:
+        for t, y in zip(tensors, sess.run(tensors, {name: as_batch(x)})):
             cals[t].collect(torch.from_numpy(y))
         seen += 1
     if not seen:
@@ -396,16 +398,6 @@ def calibrate_outputs(model, tensors: Sequence[str], batches: Iterable, method: 
     return amax
 
 
-def _progress(items, on: bool):
-    if not on:
-        return items
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(items, desc="calibrating conv outputs", disable=not sys.stderr.isatty(), leave=False)
-
-
 def _quantize_calibrated(graph: _Graph, output_amax: Dict[str, float]) -> set:
     """Q/DQ (uint8, zero point 128, scale amax / 127) on each calibrated Conv output. Not exact.
 
@@ -416,7 +408,7 @@ def _quantize_calibrated(graph: _Graph, output_amax: Dict[str, float]) -> set:
     for y, amax in output_amax.items():
         if not isinstance(amax, (int, float, np.floating, np.integer)) or not np.isfinite(amax) or amax <= 0:
             raise ValueError(f"output_amax[{y!r}] must be a finite number > 0, got {amax!r}")
-    targets = {n.output[0]: n for n in graph.g.node if _quantized_conv(graph, n) and _feeds_float_convs(graph, n)}
+    targets = _targets(graph)
     wrong = sorted(set(output_amax) - set(targets))
     if wrong:
         raise EngineError(f"output_amax names {wrong[0]!r}, which is not the output of a quantized Conv feeding "
@@ -544,17 +536,15 @@ def _output_quantized(graph: _Graph, conv) -> bool:
     return bool(users) and all(u.op_type == "QuantizeLinear" for u in users)
 
 
-def _float_weights(graph: _Graph) -> int:
-    """Step 8: a Conv that stays float gets its weight as a float constant, ``DQ(codes)``. Exact.
+def _float_weights(graph: _Graph) -> None:
+    """Step 9: a Conv that stays float gets its weight as a float constant, ``DQ(codes)``. Exact.
 
     ORT keeps ``DequantizeLinear`` nodes unfolded (for its own Q/DQ fusions), so a float
     Conv reading ``DQ(W codes)`` sees a weight computed at run time: it cannot pre-pack it
     and falls back to a slow im2col path (on the default at batch 8 the three Convs before
     the float head took 40 % of the INT8 model's time). The constant holds the values the
     DQ would compute, ``(codes - zero point) * scale`` in float32, so outputs are unchanged.
-    Returns the number of Convs changed.
     """
-    done = 0
     for conv in graph.g.node:
         dq = graph.producer.get(conv.input[1]) if conv.op_type == "Conv" and len(conv.input) > 1 else None
         if dq is None or dq.op_type != "DequantizeLinear" or _output_quantized(graph, conv):
@@ -570,9 +560,7 @@ def _float_weights(graph: _Graph) -> int:
         w = ((codes.astype(np.int32) - zp.astype(np.int32).reshape(shape)).astype(np.float32)
              * scale.astype(np.float32).reshape(shape))
         conv.input[1] = graph.add_init(f"{conv.name}_weight_float", w.astype(np.float32))
-        done += 1
     graph.refresh()
-    return done
 
 
 def _drop_requantize(graph: _Graph) -> None:
