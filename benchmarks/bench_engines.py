@@ -14,22 +14,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
 from _timing import machine
 from qcourse.engines import load_engine
-from qcourse.engines import ort as ort_backend
 from qcourse.engines.bench import benchmark, machine_line
 from qcourse.engines.ort import build as ort_build
 from qcourse.engines.ort_int8 import cpu_has_vnni
 from qcourse.yolo.engines import calibration_batches, evaluate_engine, export_default_onnx
-
-
-def _raw_session(path: Path, threads: int):
-    # the TensorRT-style Q/DQ export as is: what ORT makes of it without the rewrite
-    sess = ort.InferenceSession(str(path), ort_backend.session_options(threads), providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(["output0"], {"input": x})[0]
 
 
 def _torch_fn(model):
@@ -56,7 +48,8 @@ def main():
     int8 = load_engine(ort_build(files["qdq"], work / "int8.onnx", "int8", calibration=calib), threads=args.threads)
     engines = {
         "ORT FP32": build_engine(files["fp32"], work / "fp32e.onnx", precision="fp32", threads=args.threads),
-        "ORT Q/DQ as exported": _raw_session(files["qdq"], args.threads),
+        # the TensorRT-style Q/DQ export loaded as it is: what ORT makes of it without the rewrite
+        "ORT Q/DQ as exported": load_engine(files["qdq"], threads=args.threads),
         "ORT INT8 (qcourse)": int8,
         # the three Convs before the float head left float: the fake-quant model exactly
         "ORT INT8, head inputs float": load_engine(ort_build(files["qdq"], work / "int8_exact.onnx", "int8"),
