@@ -9,12 +9,16 @@ nothing from qcourse).
   ``reset_logger_handler()``;
 * :func:`is_int`, :func:`check_bool` — argument checks whose errors name the bad value,
   so the layers above never write their own;
-* :func:`atomic_write`, :func:`file_sha256` — how qcourse writes a file, and names one by content.
+* :func:`atomic_write`, :func:`file_sha256` — how qcourse writes a file, and names one by content;
+  :func:`is_owned`, :func:`remove_owned`, :func:`check_writable` — qcourse replaces or deletes
+  only the files it wrote (listed by SHA-256 in each folder's ``.qcourse-files.json``).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import logging
 import numbers
 import os
@@ -25,7 +29,8 @@ import types
 
 import torch
 
-__all__ = ["is_int", "check_bool", "atomic_write", "file_sha256", "reduce_amax", "quant_logging"]
+__all__ = ["is_int", "check_bool", "atomic_write", "check_writable", "is_owned", "remove_owned",
+           "remove_owned_tree", "NotOwnedError", "OWNED_LIST", "file_sha256", "reduce_amax", "quant_logging"]
 
 
 def is_int(value) -> bool:
@@ -104,6 +109,125 @@ quant_logging.__all__ = ["reset_logger_handler"]
 sys.modules[quant_logging.__name__] = quant_logging
 
 
+#: the file in each folder qcourse writes to that lists, by SHA-256, the files qcourse wrote there
+OWNED_LIST = ".qcourse-files.json"
+_OWNED_LIST_MAX = 16 << 20  # bytes: a list of a few hundred names; anything larger is not ours
+
+
+class NotOwnedError(ValueError):
+    """A file qcourse was about to replace or delete was not written by qcourse (or changed since)."""
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file: pass a file path", str(path))
+    if (path.exists() or path.is_symlink()) and not is_owned(path):
+        raise NotOwnedError(f"{path} exists and was not written by qcourse (or was changed since): qcourse "
+                            "replaces only its own files; move it away or pass another output path")
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on ``folder`` (flock on the folder itself: no lock file is left behind)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+        yield
+        return
+    fd = os.open(str(folder), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_owned(folder: Path) -> dict:
+    """The folder's list of qcourse's files ``{name: sha256}`` (empty where there is none or it is damaged)."""
+    path = folder / OWNED_LIST
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > _OWNED_LIST_MAX:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _write_owned(folder: Path, files: dict) -> None:
+    path = folder / OWNED_LIST
+    if not files:
+        path.unlink(missing_ok=True)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f"{OWNED_LIST}.", suffix=".tmp", dir=str(folder))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"about": "files written by qcourse in this folder, by SHA-256: qcourse replaces or deletes "
+                            "only these, and only while unchanged", "files": dict(sorted(files.items()))}, f,
+                  indent=1)
+    os.replace(tmp, path)
+
+
+def is_owned(path) -> bool:
+    """True when ``path`` is a file qcourse wrote (through :func:`atomic_write`) and nobody changed since."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    digest = _read_owned(path.parent).get(path.name)
+    return digest is not None and digest == file_sha256(path)
+
+
+def remove_owned(path) -> bool:
+    """Delete ``path`` if qcourse wrote it and it is unchanged; True when it was deleted.
+
+    A file qcourse did not write (or that was edited) is left where it is, and so is a folder.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return False
+    with _folder_lock(path.parent):
+        if not is_owned(path):
+            return False
+        path.unlink()
+        files = _read_owned(path.parent)
+        files.pop(path.name, None)
+        _write_owned(path.parent, files)
+    return True
+
+
+def remove_owned_tree(folder) -> bool:
+    """Delete qcourse's unchanged files under ``folder`` (at every depth), then each folder left empty.
+
+    Anything else (a user's file, an edited one, a link) stays where it is, and so do the folders
+    holding it; True when ``folder`` itself is gone. Entries of the folders' lists whose files are
+    gone (moved elsewhere) are dropped.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and not sub.is_symlink():
+            remove_owned_tree(sub)
+        elif sub.name != OWNED_LIST:
+            remove_owned(sub)
+    with _folder_lock(folder):
+        files = _read_owned(folder)
+        present = {name: digest for name, digest in files.items() if (folder / name).is_file()}
+        if present != files:
+            _write_owned(folder, present)
+    with contextlib.suppress(OSError):  # not empty: something qcourse did not write is left in it
+        folder.rmdir()
+    return not folder.exists()
+
+
+def check_writable(*paths) -> None:
+    """Refuse, before any work, to write over files qcourse did not write (see :func:`atomic_write`)."""
+    for path in paths:
+        _check_replaceable(Path(path))
+
+
 @contextlib.contextmanager
 def atomic_write(path, suffix: str = ".tmp"):
     """Yield a temporary path beside ``path``; on success it becomes ``path`` in one rename.
@@ -114,8 +238,15 @@ def atomic_write(path, suffix: str = ".tmp"):
     temporary file, so ``path`` only ever holds the old file or the whole new one. The result
     gets ordinary permissions (``mkstemp`` makes files private). ``suffix`` is for writers that
     look at the extension (``torch.onnx.export``).
+
+    Ownership: qcourse never replaces a file it did not write. Each folder it writes to keeps a
+    list of its files by SHA-256 (``.qcourse-files.json``); an existing ``path`` that is not on
+    that list, or was changed since, raises :class:`NotOwnedError` (checked before the block
+    runs and again, under a lock on the folder, before the rename), and a folder raises
+    ``IsADirectoryError``. :func:`remove_owned` deletes by the same rule.
     """
     path = Path(path)
+    _check_replaceable(path)  # before the work: a refusal costs nothing
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
     os.close(fd)
@@ -126,7 +257,13 @@ def atomic_write(path, suffix: str = ".tmp"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        digest = file_sha256(tmp)
+        with _folder_lock(path.parent):
+            _check_replaceable(path)  # again: someone may have put a file there meanwhile
+            os.replace(tmp, path)
+            files = _read_owned(path.parent)
+            files[path.name] = digest
+            _write_owned(path.parent, files)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
