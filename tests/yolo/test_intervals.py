@@ -1,0 +1,128 @@
+"""qcourse.yolo.intervals: bootstrap mAP checked against pycocotools run on the resampled images."""
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from qcourse.yolo import intervals
+
+
+def _dataset(seed=0, n_images=30, n_cats=3):
+    """Ground truth and noisy detections (random scores: no ties) in COCO form."""
+    rng = np.random.default_rng(seed)
+    images, anns, dets = [], [], []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "width": 200, "height": 200, "file_name": f"{i}.png"})
+        for _ in range(rng.integers(0, 5)):
+            x, y, w, h = rng.uniform(0, 150), rng.uniform(0, 150), rng.uniform(8, 50), rng.uniform(8, 50)
+            cat = int(rng.integers(1, n_cats + 1))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": int(rng.random() < 0.05)})
+            if rng.random() < 0.8:  # found, with a jittered box, sometimes the wrong class
+                jit = rng.normal(0, 4, 4)
+                dcat = cat if rng.random() < 0.9 else int(rng.integers(1, n_cats + 1))
+                dets.append([i, x + jit[0], y + jit[1], max(2, w + jit[2]), max(2, h + jit[3]), rng.random(), dcat])
+        for _ in range(rng.integers(0, 3)):  # false positives
+            dets.append([i, *rng.uniform(0, 150, 2), *rng.uniform(5, 40, 2), rng.random() * 0.6,
+                         int(rng.integers(1, n_cats + 1))])
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, n_cats + 1)]
+    return {"images": images, "annotations": anns, "categories": cats}, np.array(dets, dtype=np.float64)
+
+
+def _coco_eval(gt_dict, dets):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def _duplicated(gt_dict, dets, counts):
+    """The dataset with image i present counts[i] times (new ids): what the bootstrap scores."""
+    images, anns, new_dets = [], [], []
+    ids = [im["id"] for im in sorted(gt_dict["images"], key=lambda im: im["id"])]
+    for idx, c in enumerate(counts.astype(int)):
+        for _ in range(c):
+            new_id = len(images) + 1
+            images.append({**gt_dict["images"][idx], "id": new_id})
+            for a in gt_dict["annotations"]:
+                if a["image_id"] == ids[idx]:
+                    anns.append({**a, "id": len(anns) + 1, "image_id": new_id})
+            for d in dets[dets[:, 0] == ids[idx]]:
+                new_dets.append([new_id, *d[1:]])
+    return {**gt_dict, "images": images, "annotations": anns}, np.array(new_dets)
+
+
+def test_whole_set_gives_pycocotools_map_to_the_last_bit():
+    gt, dets = _dataset()
+    ev = _coco_eval(gt, dets)
+    res = intervals.score(intervals.match_table(ev))
+    assert res["map"] == ev.stats[0] and res["map50"] == ev.stats[1]
+    assert 0.1 < ev.stats[0] < 0.9  # a case where every part of the computation matters
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_bootstrap_sample_scores_what_pycocotools_gives_for_the_duplicated_images(seed):
+    gt, dets = _dataset(seed=seed)
+    table = intervals.match_table(_coco_eval(gt, dets))
+    counts = intervals.resample(table.n_images, n=10, seed=seed)[:4]
+    got = intervals.score(table, counts)
+    for s in range(len(counts)):
+        ev = _coco_eval(*_duplicated(gt, dets, counts[s]))
+        assert got["map"][s] == pytest.approx(ev.stats[0], abs=1e-12)
+        assert got["map50"][s] == pytest.approx(ev.stats[1], abs=1e-12)
+
+
+def test_interval_holds_the_value_and_narrows_with_more_images():
+    small = intervals.match_table(_coco_eval(*_dataset(seed=4, n_images=20)))
+    large = intervals.match_table(_coco_eval(*_dataset(seed=4, n_images=200)))
+    a, b = intervals.bootstrap(small, n=200), intervals.bootstrap(large, n=200)
+    for r in (a, b):
+        assert r["interval"][0] <= r["value"] <= r["interval"][1]
+    assert np.diff(b["interval"])[0] < np.diff(a["interval"])[0]
+
+
+def test_paired_interval_of_a_model_against_itself_is_zero_and_a_worse_model_is_detected():
+    gt, dets = _dataset(seed=5, n_images=120)
+    good = intervals.match_table(_coco_eval(gt, dets))
+    same = intervals.paired(good, good, n=100)
+    assert same["diff"] == 0 and same["interval"] == [0.0, 0.0]
+    worse = dets.copy()
+    rng = np.random.default_rng(0)
+    worse[:, 1:5] += rng.normal(0, 6, (len(worse), 4))  # boxes 6 px further off: lower mAP at high IoU
+    bad = intervals.match_table(_coco_eval(gt, worse))
+    res = intervals.paired(good, bad, n=300)
+    assert res["diff"] > 0 and res["interval"][0] > 0
+    assert intervals.verdict(+0.05, res["interval"]) == "reproduced"
+    assert intervals.verdict(-0.05, res["interval"]) == "not reproduced"
+    assert intervals.verdict(+0.05, [-0.01, 0.02]) == "within noise"
+
+
+def test_paired_refuses_different_images_and_tiny_settings():
+    a = intervals.match_table(_coco_eval(*_dataset(seed=6, n_images=10)))
+    b = intervals.match_table(_coco_eval(*_dataset(seed=6, n_images=12)))
+    with pytest.raises(ValueError, match="same images"):
+        intervals.paired(a, b)
+    with pytest.raises(ValueError, match="n >= 1000"):
+        intervals.resample(10, n=3)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        intervals.resample(1)
+
+
+def test_table_round_trips_through_npz_without_pickle(tmp_path):
+    table = intervals.match_table(_coco_eval(*_dataset(seed=7)))
+    path = tmp_path / "matches.npz"
+    intervals.save_table(path, table)
+    back = intervals.load_table(path)
+    assert intervals.score(back) == intervals.score(table)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="not a match table"):
+        intervals.load_table(bad)
