@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .datasets.coco import CocoDetection, create_dataloader
+from .intervals import match_table, no_detections_table
 from .postprocess import non_max_suppression, scale_boxes
 
 __all__ = ["evaluate", "STAT_NAMES"]
@@ -174,7 +175,8 @@ def _per_class_ap(ev, dataset: CocoDetection) -> tuple:
     return per_map, per_map50
 
 
-def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class: bool, log) -> Dict:
+def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class: bool, log,
+           matches: bool = False) -> Dict:
     """The COCOeval numbers (:data:`STAT_NAMES`, optionally per class) of ``detections``.
 
     COCOeval is restricted to the evaluated images: with ``max_batches`` the others would
@@ -190,6 +192,8 @@ def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class:
                 dataset.coco.getAnnIds(imgIds=sorted(set(image_ids)), iscrowd=False))}
             per = {n: (0.0 if cid in gt_cats else float("nan")) for n, cid in zip(dataset.names, dataset.cat_ids)}
             result["per_class_map"], result["per_class_map50"] = dict(per), dict(per)
+        if matches:
+            result["matches"] = no_detections_table(dataset.coco, sorted(set(image_ids)))
         return result
     with contextlib.redirect_stdout(log):
         coco_dt = dataset.coco.loadRes(detections)
@@ -199,6 +203,8 @@ def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class:
         ev.accumulate()
         ev.summarize()
     result.update({name: float(v) for name, v in zip(STAT_NAMES, ev.stats)})
+    if matches:
+        result["matches"] = match_table(ev)
     if per_class:
         result["per_class_map"], result["per_class_map50"] = _per_class_ap(ev, dataset)
     return result
@@ -206,7 +212,8 @@ def _score(dataset: CocoDetection, detections: np.ndarray, image_ids, per_class:
 
 def evaluate(model: Union[torch.nn.Module, Callable], loader, conf_thres: float = 0.001, iou_thres: float = 0.65,
              device: Union[str, torch.device] = "cpu", progress: bool = True, max_batches: Optional[int] = None,
-             *, max_det: int = 300, per_class: bool = False, verbose: bool = False) -> Dict[str, object]:
+             *, max_det: int = 300, per_class: bool = False, verbose: bool = False,
+             matches: bool = False) -> Dict[str, object]:
     """COCO mAP of ``model`` on the dataset behind ``loader``.
 
     Args:
@@ -226,6 +233,10 @@ def evaluate(model: Union[torch.nn.Module, Callable], loader, conf_thres: float 
         max_det: detections kept per image after NMS.
         per_class: also return per-class AP@0.5:0.95 and AP@0.5.
         verbose: print pycocotools' messages and summary table.
+        matches: also return ``matches``, the per-image matches (a
+            :class:`~qcourse.yolo.intervals.MatchTable`) from which
+            :mod:`qcourse.yolo.intervals` computes bootstrap intervals without running the
+            model again.
 
     Returns:
         A dict with ``map`` (AP@[0.5:0.95], area all, 100 detections), ``map50``, the other
@@ -246,7 +257,7 @@ def evaluate(model: Union[torch.nn.Module, Callable], loader, conf_thres: float 
     n_images = len(image_ids)
     detections = np.concatenate(rows, 0) if rows else np.zeros((0, 7))
     t0, log = time.perf_counter(), io.StringIO()
-    result = _score(dataset, detections, image_ids, per_class, log)
+    result = _score(dataset, detections, image_ids, per_class, log, matches)
     if verbose:
         print(log.getvalue(), end="")
     t_eval = time.perf_counter() - t0

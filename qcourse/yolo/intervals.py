@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["MatchTable", "match_table", "score", "resample", "bootstrap", "paired", "interval", "verdict",
+__all__ = ["MatchTable", "match_table", "no_detections_table", "score", "resample", "bootstrap", "paired", "interval", "verdict",
            "save_table", "load_table", "VERDICTS"]
 
 #: pycocotools' recall thresholds 0, 0.01, ..., 1 (``COCOeval.params.recThrs``)
@@ -97,6 +97,25 @@ def match_table(ev) -> MatchTable:
             tps.append(np.zeros((n_thr, 0), dtype=bool))
             fps.append(np.zeros((n_thr, 0), dtype=bool))
     return MatchTable(np.asarray(p.imgIds, dtype=np.int64), gt, tuple(det_image), tuple(tps), tuple(fps))
+
+
+def no_detections_table(coco, image_ids: Sequence[int]) -> MatchTable:
+    """The table of a model that found nothing on ``image_ids`` (pycocotools refuses to score no detections).
+
+    Ground truth counts as ``evaluate()`` counts it: crowd boxes (and boxes marked ``ignore``) are ignored.
+    """
+    cat_ids = sorted(coco.getCatIds())
+    image_ids = sorted(int(i) for i in image_ids)
+    col = {iid: i for i, iid in enumerate(image_ids)}
+    row = {cid: k for k, cid in enumerate(cat_ids)}
+    gt = np.zeros((len(cat_ids), len(image_ids)), dtype=np.int64)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_ids)):
+        if not (ann.get("iscrowd", 0) or ann.get("ignore", 0)) and ann["category_id"] in row:
+            gt[row[ann["category_id"]], col[ann["image_id"]]] += 1
+    n_thr = 10  # IoU 0.50:0.05:0.95
+    empty = tuple(np.zeros((n_thr, 0), dtype=bool) for _ in cat_ids)
+    return MatchTable(np.asarray(image_ids, dtype=np.int64), gt,
+                      tuple(np.zeros(0, dtype=np.int64) for _ in cat_ids), empty, empty)
 
 
 def _precision(table: MatchTable, k: int, weights: np.ndarray) -> np.ndarray:

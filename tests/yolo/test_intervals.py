@@ -126,3 +126,38 @@ def test_table_round_trips_through_npz_without_pickle(tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="not a match table"):
         intervals.load_table(bad)
+
+
+def test_no_detections_scores_zero_with_the_ground_truth_of_every_image():
+    gt_dict, _ = _dataset(seed=8, n_images=15)
+    coco = COCO()
+    coco.dataset = gt_dict
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    ids = [im["id"] for im in gt_dict["images"]]
+    table = intervals.no_detections_table(coco, ids)
+    expected = sum(1 for a in gt_dict["annotations"] if not a["iscrowd"])
+    assert table.gt.sum() == expected and table.n_images == 15
+    assert intervals.score(table) == {"map": 0.0, "map50": 0.0}
+    assert intervals.bootstrap(table, n=50)["interval"] == [0.0, 0.0]
+
+
+def test_evaluate_returns_the_matches_its_map_came_from(small_dataset):
+    import torch
+
+    from qcourse.yolo import default_checkpoint, models
+    from qcourse.yolo.datasets import create_dataloader
+    from qcourse.yolo.evaluate import evaluate
+
+    root = small_dataset("intervals", n_train=2, n_val=24, img_size=160, seed=3)
+    model = models.load_checkpoint(default_checkpoint())
+    torch.manual_seed(0)
+    res = evaluate(model, create_dataloader(root, "val", img_size=160, batch_size=12), progress=False,
+                   matches=True)
+    table = res["matches"]
+    assert table.n_images == res["images"] == 24
+    assert intervals.score(table) == {"map": res["map"], "map50": res["map50"]}
+    assert sum(len(d) for d in table.det_image) <= res["detections"]
+    nothing = evaluate(lambda x: torch.zeros(x.shape[0], 10, 11), create_dataloader(root, "val", img_size=160),
+                       progress=False, matches=True)
+    assert nothing["matches"].gt.sum() == table.gt.sum() and intervals.score(nothing["matches"])["map"] == 0.0
