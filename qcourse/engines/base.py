@@ -5,6 +5,7 @@ one file, loaded again (:func:`qcourse.engines.load_engine`) and called like a m
 
     engine = load_engine("runs/engines/int8.onnx")
     pred = engine(images)          # float32 (B, 3, H, W) in [0, 1] -> first output, numpy
+    aux = engine.run(images, ["output1"])["output1"]   # any output, by name
 
 so ``qcourse.yolo.evaluate.evaluate(engine, loader)`` scores its detections like any model.
 """
@@ -57,19 +58,38 @@ class Engine:
     precision: str = ""
     path: Path
     input_name: str = "input"
+    #: the output names in the ONNX graph's order (the backends look outputs up by name)
     output_names: Tuple[str, ...] = ()
     #: (min, max) batch the engine accepts; ``None`` for no upper bound
     batch_range: Tuple[int, Optional[int]] = (1, None)
     #: (C, H, W) of one image, ``None`` where a dimension is free
     image_shape: Tuple[Optional[int], ...] = (None, None, None)
 
-    def run(self, images) -> Dict[str, np.ndarray]:
-        """Every output of the engine for one batch, by name."""
+    def run(self, images, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """The outputs named in ``outputs`` (default: all) for one batch, by name.
+
+        Only those are computed or copied back where the backend allows it (TensorRT computes
+        every output on the GPU but copies only these to the host).
+        """
         raise NotImplementedError
 
-    def __call__(self, images) -> np.ndarray:
-        """The first output: for YOLOv7, predictions (B, anchors, 5 + nc)."""
-        return self.run(images)[self.output_names[0]]
+    def __call__(self, images, output: Optional[str] = None) -> np.ndarray:
+        """One output, by name: ``output``, by default the graph's first (``output_names[0]``;
+        for YOLOv7, ``output0``: predictions (B, anchors, 5 + nc))."""
+        name = output or self.output_names[0]
+        return self.run(images, (name,))[name]
+
+    def select_outputs(self, outputs: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+        """``outputs`` checked against the engine's output names (all of them for ``None``)."""
+        if outputs is None:
+            return tuple(self.output_names)
+        outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        unknown = [n for n in outputs if n not in self.output_names]
+        if unknown or not outputs:
+            what = f"no output {unknown[0]!r}" if unknown else "no output asked for"
+            raise EngineError(f"{self.path}: {what}; its outputs are {list(self.output_names)}: ask for one "
+                              "or more of those by name")
+        return outputs
 
     def check_batch(self, images: np.ndarray) -> None:
         """Refuse a batch size or image shape the engine was not built for, naming the fix."""

@@ -1,12 +1,16 @@
 """Lesson 8 — time an engine the way ``trtexec`` reports it: warm-up, then latency percentiles.
 
 Latency is the wall time of one ``engine(batch)`` call (host arrays in and out, as a
-user's code sees it); throughput is images per second at the median latency.
+user's code sees it); throughput is images per second at the median latency. Every backend
+returns the same thing per call, the one output asked for (the graph's first): a TensorRT
+engine computes all its outputs on the GPU but copies only that one back, as ONNX Runtime
+computes and returns only that one, so the timings compare like for like.
 """
 from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -77,5 +81,12 @@ def machine_line() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cpus, python {platform.python_version()}, "
+    line = (f"{cpu}, {os.cpu_count()} cpus, python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}")
+    trt = sys.modules.get("tensorrt")  # loaded only where a TensorRT engine was
+    if trt is not None:
+        import torch
+
+        gpus = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        line += f", tensorrt {getattr(trt, '__version__', '?')} on {' / '.join(gpus) or 'no GPU'}"
+    return line

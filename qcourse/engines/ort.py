@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -79,6 +79,7 @@ def build(onnx_path: PathLike, out: PathLike, precision: str = "int8", weight_dt
         model = strip_qdq(model)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(info)
+    OrtEngine(onnx_path, model=model)  # ONNX Runtime must load it: refused before `out` is replaced
     return _save_atomic(model, Path(out))
 
 
@@ -97,11 +98,12 @@ class OrtEngine(Engine):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: PathLike, threads: Optional[int] = None):
+    def __init__(self, path: PathLike, threads: Optional[int] = None, model=None):
+        """``model``: the ONNX model itself, not read from ``path`` (which the errors name)."""
         import onnxruntime as ort
 
         self.path = Path(path)
-        model = load_onnx(self.path)  # clear errors for a missing or corrupt file
+        model = load_onnx(self.path) if model is None else model  # clear errors for a missing or corrupt file
         meta = {p.key: p.value for p in model.metadata_props}
         info = json.loads(meta.get(META_KEY, "{}"))
         self.precision = info.get("precision") or ("int8" if _has_qdq(model) else "fp32")
@@ -120,15 +122,11 @@ class OrtEngine(Engine):
         self.image_shape = dims[1:]
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
-    def run(self, images) -> Dict[str, np.ndarray]:
+    def run(self, images, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        names = self.select_outputs(outputs)
         x = as_batch(images)
         self.check_batch(x)
-        return dict(zip(self.output_names, self.session.run(None, {self.input_name: x})))
-
-    def __call__(self, images) -> np.ndarray:
-        x = as_batch(images)  # only the first output: ORT skips nothing, but no dict is built
-        self.check_batch(x)
-        return self.session.run(self.output_names[:1], {self.input_name: x})[0]
+        return dict(zip(names, self.session.run(list(names), {self.input_name: x})))
 
 
 def load(path: PathLike, threads: Optional[int] = None) -> OrtEngine:
