@@ -30,7 +30,7 @@ from torch import nn
 from qcourse.nn import TensorQuantizer
 from qcourse.utils import atomic_write
 
-__all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable", "is_qcourse_export", "EXPORT_KEY"]
+__all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
 
 
 def check_exportable(model: nn.Module, opset: int = 13) -> List[str]:
@@ -103,7 +103,6 @@ def export_onnx(model: nn.Module, example: Union[torch.Tensor, Sequence[torch.Te
             torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True, dynamo=False)
-            _mark(tmp)
             if check:
                 onnx.checker.check_model(str(tmp))
     finally:
@@ -120,30 +119,6 @@ def _flatten(out):
     elif isinstance(out, dict):
         for o in out.values():
             yield from _flatten(o)
-
-
-#: metadata key of every file export_onnx writes: how qcourse tells its own exports from a user's
-EXPORT_KEY = "qcourse.export"
-
-
-def _mark(path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = EXPORT_KEY, "qcourse.export.export_onnx"
-    onnx.save(model, str(path))
-
-
-def is_qcourse_export(path: Union[str, os.PathLike]) -> bool:
-    """True when ``path`` is an ONNX file :func:`export_onnx` wrote (it carries :data:`EXPORT_KEY`)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ONNX at all: certainly not ours
-        return False
-    return any(p.key == EXPORT_KEY for p in model.metadata_props)
 
 
 def load_onnx(path: Union[str, os.PathLike]):

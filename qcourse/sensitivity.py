@@ -42,7 +42,7 @@ from torch import nn
 
 from qcourse import workflow
 from qcourse.nn import TensorQuantizer
-from qcourse.utils import atomic_write
+from qcourse.utils import atomic_write, check_writable
 
 __all__ = [
     "FORMAT", "KS", "Slot", "default_layer_of", "quantizer_slots", "layer_groups", "quantized_layers",
@@ -244,7 +244,7 @@ def load_results(path: Union[str, os.PathLike]) -> dict:
     if problem:
         raise SensitivityFileError(
             f"{path} is not a sensitivity results file that can be resumed: {problem}. It was left as it "
-            "is; move or delete it, or start over with fresh=True (qcourse sensitivity --fresh), which replaces it")
+            "is; move it away (or delete it) to start over, or write to another path (qcourse sensitivity --out DIR)")
     return data
 
 
@@ -308,7 +308,8 @@ def sensitivity_analysis(model: nn.Module, evaluate: Callable[[nn.Module], float
     ``path`` is rewritten atomically after FP32, INT8 and every layer. When it already exists
     the run resumes: finished layers are skipped; a file of another config raises
     :class:`SensitivityFileError` naming the difference, so does a corrupted one, and the file
-    is kept. ``fresh=True`` starts over. Ctrl-C stops after the layers saved so far.
+    is kept. ``fresh=True`` starts over. A ``path`` qcourse did not write (or that was edited since) is
+    never replaced: it is refused before the first evaluation. Ctrl-C stops after the layers saved so far.
     ``layers`` scans only those quantized layers (kept in model order; a quick look on a big
     model); the default is all of them.
     """
@@ -328,6 +329,8 @@ def sensitivity_analysis(model: nn.Module, evaluate: Callable[[nn.Module], float
     config = {"format": FORMAT, **json.loads(json.dumps(config or {})), "layers": layers,
               "state": state_fingerprint(model)}
     data = _start(path, config, fresh)
+    if not data["complete"]:  # it will be written: refuse a file qcourse did not write before evaluating
+        check_writable(path)
     if data["fp32"] is None:
         with workflow.disable_quantization(model):
             data["fp32"] = {"map": _measure(evaluate, model, "the FP32 model")}

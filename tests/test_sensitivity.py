@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from oracles import np_quant
 from qcourse import ptq, quant_modules, sensitivity as sens, workflow
 from qcourse.tensor_quant import QuantDescriptor
+from qcourse.utils import OWNED_LIST, NotOwnedError
 
 HERE = Path(__file__).resolve().parent
 
@@ -344,6 +345,27 @@ def test_a_corrupted_file_is_reported_and_kept(tmp_path, damage):
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_file_qcourse_did_not_write_is_refused_before_any_evaluation(tmp_path, fresh):
+    """The same scan copied in by hand (no record of qcourse writing it): never replaced, refused up front."""
+    done = tmp_path / "done.json"
+    sens.sensitivity_analysis(make_quantized(), evaluate, done, {"run": 1})
+    data = json.loads(done.read_text())
+    data["layers"], data["complete"] = data["layers"][:1], False  # a run to resume
+    path = tmp_path / "mine" / "s.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data, indent=2))
+    before, calls = path.read_bytes(), []
+
+    def counting(model):
+        calls.append(1)
+        return evaluate(model)
+
+    with pytest.raises(NotOwnedError, match=r"s\.json exists and was not written by qcourse"):
+        sens.sensitivity_analysis(make_quantized(), counting, path, {"run": 1}, fresh=fresh)
+    assert calls == [] and path.read_bytes() == before
+
+
 def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
     path = tmp_path / "a.json"
     sens.write_json_atomic(path, {"v": 1})
@@ -355,7 +377,7 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         sens.write_json_atomic(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [OWNED_LIST, "a.json"]  # no temporary file left
 
 
 def test_evaluate_must_return_a_finite_number(tmp_path):

@@ -12,7 +12,8 @@
     qcourse info                           versions, and whether TensorRT/CUDA are usable
 
 A mistake the user can fix (a bad value, a missing file, a run folder made with other
-settings) prints one line ``qcourse: error: ...`` that names the value and the fix, and exits
+settings, a file qcourse would replace but did not write, a full or read-only disk) prints
+one line ``qcourse: error: ...`` that names the value and the fix, and exits
 with status 2; Ctrl-C prints one line and exits with 130; a failing lesson notebook prints one
 line and exits with 1. ``qcourse --debug ...`` (or ``QCOURSE_DEBUG=1``) shows the traceback
 instead. Anything else is a bug in qcourse and keeps its traceback.
@@ -20,10 +21,12 @@ instead. Anything else is a bug in qcourse and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import linecache
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -467,17 +470,17 @@ def _add_qat(sub):
 def _cmd_build(args) -> int:
     from qcourse.engines import build_engine
 
-    out = Path(args.out or f"runs/engines/{args.backend}_{args.precision}"
-                           f"{'.engine' if args.backend == 'tensorrt' else '.onnx'}")
-    onnx_path = args.onnx
-    if onnx_path is None:  # the embedded default: export it first, next to the engine
-        from qcourse.export import is_qcourse_export
-        from qcourse.yolo.engines import export_default_onnx
+    from qcourse.utils import check_writable
 
-        for name in ("fp32.onnx", "qdq.onnx"):  # never overwrite a user's file of the same name
-            if (out.parent / name).exists() and not is_qcourse_export(out.parent / name):
-                raise ValueError(f"{out.parent / name} exists and was not exported by qcourse; the default model "
-                                 f"is exported next to --out, so pass an --out in another folder")
+    name = f"{args.backend}_{args.precision}{'.engine' if args.backend == 'tensorrt' else '.onnx'}"
+    out = Path(args.out or f"runs/engines/{name}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; pass the engine file to write, e.g. --out {out / name}")
+    onnx_path = args.onnx
+    # the default model is exported next to the engine: a user's fp32.onnx / qdq.onnx there is refused too
+    check_writable(out, *((out.parent / "fp32.onnx", out.parent / "qdq.onnx") if onnx_path is None else ()))
+    if onnx_path is None:  # the embedded default: export it first, next to the engine
+        from qcourse.yolo.engines import export_default_onnx
 
         files = export_default_onnx(out.parent, calib_batches=args.calib_batches)
         onnx_path = files["qdq" if args.precision == "int8" else "fp32"]
@@ -532,7 +535,13 @@ def _cmd_bench(args) -> int:
 
     from qcourse.engines import load_engine
     from qcourse.engines.bench import benchmark, machine_line
+    from qcourse.utils import atomic_write, check_writable
 
+    if args.json:  # both files are refused before any engine runs if a user's file has their name
+        if args.json.suffix.lower() == ".png":
+            raise ValueError(f"--json {args.json} would be replaced by the chart written next to it; pass a "
+                             f"path ending in .json, e.g. {args.json.with_suffix('.json')}")
+        check_writable(args.json, args.json.with_suffix(".png"))
     engines = {}
     for path in args.engine:
         engine = load_engine(path, threads=args.threads)
@@ -550,12 +559,12 @@ def _cmd_bench(args) -> int:
     machine = machine_line() + f", {args.threads} threads"
     print(_bench_table(results, maps, machine))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "results": results, "map": maps}, indent=1))
         from qcourse.course.plots.engines import plot_engine_benchmark
+        from qcourse.course.report import save_figure
 
-        png = args.json.with_suffix(".png")
-        plot_engine_benchmark(results, maps, title=machine).savefig(png)
+        with atomic_write(args.json, suffix=".json") as tmp:
+            tmp.write_text(json.dumps({"machine": machine, "results": results, "map": maps}, indent=1))
+        png = save_figure(plot_engine_benchmark(results, maps, title=machine), args.json.with_suffix(".png"))
         print(f"wrote {args.json} and {png}")
     return 0
 
@@ -601,6 +610,7 @@ def _add_bench(sub):
 
 # ------------------------------------------------------------------ sensitivity (lesson 6)
 def _cmd_sensitivity(args) -> int:
+    from qcourse.utils import check_writable
     from qcourse.yolo.sensitivity import SensitivityConfig, run_sensitivity
 
     out = Path(args.out)
@@ -612,6 +622,8 @@ def _cmd_sensitivity(args) -> int:
     if args.calibrated and args.method:  # the checkpoint's own method is what its amax came from
         raise ValueError(f"--method {args.method} cannot re-calibrate {args.calibrated.name}: it holds its amax; "
                          "drop --method, or drop --calibrated to calibrate here")
+    if not args.proxy:  # the chart _print_sensitivity draws; run_sensitivity checks its own files
+        check_writable(out / "sensitivity.png")
     try:
         res = run_sensitivity(config)
     except KeyboardInterrupt as e:  # the scan's own message says how many layers are saved
@@ -629,6 +641,7 @@ def _print_sensitivity(res: dict, out: Path, top: int) -> None:
         print(f"results: {out / 'results.json'}")
         return
     from qcourse.course.plots.sensitivity import plot_sensitivity_summary
+    from qcourse.course.report import save_figure
     from qcourse.sensitivity import load_results
 
     print(f"\nFP32 mAP {res['fp32']['map']:.4f}, INT8 {res['int8']['map']:.4f}; the {top} most sensitive layers:")
@@ -643,8 +656,8 @@ def _print_sensitivity(res: dict, out: Path, top: int) -> None:
     for r in res["map_vs_k"]:
         print(f"{r['k']:10d} {r['map']:8.4f} {r['int8_layers']:12d}")
     scan = load_results(out / "sensitivity.json")
-    fig = plot_sensitivity_summary(scan["layers"], res["map_vs_k"], res["fp32"]["map"], top=top)
-    fig.savefig(out / "sensitivity.png")
+    save_figure(plot_sensitivity_summary(scan["layers"], res["map_vs_k"], res["fp32"]["map"], top=top),
+                out / "sensitivity.png")
     print(f"files: {out / 'sensitivity.json'}, {out / 'results.json'}, {out / 'sensitivity.png'}")
 
 
@@ -712,13 +725,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ errors
+_WRITABLE = "pick a location you may write (e.g. another --out)"
+_SPACE = "free space or pick another --out"
+#: the fix for an error of the operating system, by errno (any other: _OS_FIX)
 _OS_FIXES = {
-    FileNotFoundError: "check the path",
-    NotADirectoryError: "a part of the path is a file, not a folder; check the path",
-    IsADirectoryError: "pass a file, not a folder",
-    FileExistsError: "pick another path (e.g. another --out)",
-    PermissionError: "pick a location you may read and write (e.g. another --out)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "pass a file, not a folder",
+    errno.EEXIST: "a file of that name is in the way; pick another path (e.g. another --out)",
+    errno.EACCES: _WRITABLE + ", or check that you may read it",
+    errno.EPERM: _WRITABLE + ", or check that you may read it",
+    errno.EROFS: _WRITABLE,
+    errno.ENOSPC: _SPACE,
+    errno.EDQUOT: _SPACE,
+    errno.EFBIG: _SPACE,
+    errno.ENAMETOOLONG: "pick a shorter path",
 }
+_OS_FIX = "check the path and the disk (or pick another --out)"
+#: the name atomic_write gives its temporary file beside ``name``: ``.name.XXXXXXXX[suffix]``
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$")
 
 
 def _raised_by_our_check(e: BaseException) -> bool:
@@ -745,16 +770,36 @@ def _exit_code(e: Exception) -> Optional[int]:
 
     if isinstance(e, NotebookFailed):
         return EXIT_FAILED
-    if isinstance(e, (ValueError, *_OS_FIXES)):  # CheckpointError is a ValueError
+    if isinstance(e, (ValueError, OSError)):  # CheckpointError is a ValueError; a full or read-only disk an OSError
         return EXIT_USAGE
     if isinstance(e, TypeError) and _raised_by_our_check(e):
         return EXIT_USAGE
     return None
 
 
-def _one_line(e: Exception) -> str:
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # from the OS: add the fix
-        return f"{e.strerror.lower()}: {e.filename}; {_OS_FIXES.get(type(e), 'check the path')}"
+def _os_path(e: OSError, args) -> Optional[str]:
+    """The path an error of the OS is about: the destination of a rename, the file a temporary file
+    was to become (not the hidden temporary name), or else the command's output (``--out``)."""
+    name = e.filename2 if e.filename2 is not None else e.filename
+    if name is None:  # e.g. a write() on a full disk: the file is not named
+        for option in ("out", "json"):
+            if getattr(args, option, None):
+                return f"{getattr(args, option)} (--{option})"
+        return None
+    if not isinstance(name, (str, bytes, os.PathLike)):  # a file descriptor
+        return str(name)
+    path = Path(os.fsdecode(name))
+    temp = _TEMP_NAME.match(path.name)
+    if temp and not path.exists():
+        return str(path.parent / temp.group("name"))
+    return str(path)
+
+
+def _one_line(e: Exception, args=None) -> str:
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:  # from the OS: name the path, add the fix
+        fix = _OS_FIXES.get(e.errno, _OS_FIX)
+        path = _os_path(e, args)
+        return f"{e.strerror.lower()}: {path}; {fix}" if path else f"{e.strerror.lower()}; {fix}"
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -780,7 +825,7 @@ def main(argv=None) -> int:
         code = _exit_code(e)
         if debug or code is None:
             raise
-        print(f"qcourse: error: {_one_line(e)}", file=sys.stderr)
+        print(f"qcourse: error: {_one_line(e, args)}", file=sys.stderr)
         return code
 
 

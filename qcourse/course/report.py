@@ -25,10 +25,11 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from qcourse.utils import atomic_write
+from qcourse.utils import atomic_write, check_writable
 
-__all__ = ["PUBLISHED", "write_report", "machine_info", "report_blocks", "to_markdown", "to_html",
-           "stage_table", "map_table", "sensitivity_table", "engine_table", "published_table", "notebook_table"]
+__all__ = ["PUBLISHED", "write_report", "report_paths", "save_figure", "machine_info", "report_blocks", "to_markdown",
+           "to_html", "stage_table", "map_table", "sensitivity_table", "engine_table", "published_table",
+           "notebook_table"]
 
 Table = Tuple[List[str], List[List[str]]]
 
@@ -207,12 +208,20 @@ def notebook_table(data: dict) -> Table:
 
 
 # ----------------------------------------------------------------------------- figures
-def _save(fig, path: Path) -> Path:
+#: the figures :func:`write_report` may draw, in ``OUT/plots/``
+PLOTS = ("map.png", "sensitivity.png", "engines.png")
+
+
+def save_figure(fig, path) -> Path:
+    """Save a matplotlib figure as PNG through :func:`qcourse.utils.atomic_write`, then close it."""
     import matplotlib.pyplot as plt
 
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    path = Path(path)
+    try:
+        with atomic_write(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -231,20 +240,21 @@ def _plots(out: Path, data: dict) -> List[Tuple[Path, str]]:
             maps.update({f"{row['model'].split()[0].upper()} {row['model'].split()[1]}": row["map"]
                          for row in res["table"][1:]})
         fig = plot_map_bars(maps, base["fp32"]["map"], title="mAP@0.5:0.95 per variant (dashed: FP32)")
-        made.append((_save(fig, folder / "map.png"), "mAP per variant: PTQ with each calibration method, and QAT"))
+        made.append((save_figure(fig, folder / "map.png"),
+                     "mAP per variant: PTQ with each calibration method, and QAT"))
     sens = _results(data, "sensitivity")
     scan = out / "sensitivity" / "sensitivity.json"
     if sens and scan.is_file():
         from qcourse.sensitivity import load_results
 
         fig = plot_sensitivity_summary(load_results(scan)["layers"], sens["map_vs_k"], sens["fp32"]["map"], top=10)
-        made.append((_save(fig, folder / "sensitivity.png"),
+        made.append((save_figure(fig, folder / "sensitivity.png"),
                      f"Sensitivity on {sens['images']} val images: mAP recovered per layer, and mAP vs k"))
     eng = _results(data, "engines")
     if eng:
         timing = {name: {int(b): r for b, r in per.items()} for name, per in eng["timing"].items()}
         fig = plot_engine_benchmark(timing, {n: m["map"] for n, m in eng["map"].items()}, title=eng["machine"])
-        made.append((_save(fig, folder / "engines.png"), "Engines: latency per image and mAP"))
+        made.append((save_figure(fig, folder / "engines.png"), "Engines: latency per image and mAP"))
     return made
 
 
@@ -373,15 +383,32 @@ def to_html(blocks: Sequence[tuple], title: str = "qcourse course report") -> st
     return "\n".join(parts)
 
 
-def write_report(out, data: dict) -> Dict[str, Path]:
-    """Write ``results.json``, the figures, ``report.md`` and ``report.html`` into ``out``; returns their paths."""
+def _files(out: Path) -> Dict[str, Path]:
+    return {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+
+
+def report_paths(out) -> List[Path]:
+    """Every file :func:`write_report` may write into ``out`` (to refuse a user's file of those names up front)."""
     out = Path(out)
-    files = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+    return [*_files(out).values(), *(out / "plots" / name for name in PLOTS)]
+
+
+def write_report(out, data: dict) -> Dict[str, Path]:
+    """Write ``results.json``, the figures, ``report.md`` and ``report.html`` into ``out``; returns their paths.
+
+    The tables are built before anything is written, so results that do not hold what the report
+    needs leave the earlier report as it was; a file of these names qcourse did not write is refused.
+    """
+    out = Path(out)
+    files = _files(out)
+    check_writable(*report_paths(out))
+    report_blocks(data)  # every table, from the data alone: fails before any file is replaced
+    blocks = report_blocks(data, _plots(out, data))
+    markdown, page = to_markdown(blocks, out), to_html(blocks)
     with atomic_write(files["json"]) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
-    blocks = report_blocks(data, _plots(out, data))
     with atomic_write(files["md"], suffix=".md") as tmp:
-        tmp.write_text(to_markdown(blocks, out), encoding="utf-8")
+        tmp.write_text(markdown, encoding="utf-8")
     with atomic_write(files["html"], suffix=".html") as tmp:
-        tmp.write_text(to_html(blocks), encoding="utf-8")
+        tmp.write_text(page, encoding="utf-8")
     return files

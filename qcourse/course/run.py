@@ -13,10 +13,13 @@
 
 A stage counts as done when ``OUT/<stage>/results.json`` (written last, atomically) records
 the fingerprint of the stage's inputs: its settings, the model and data, the stages it needs
-and qcourse's code. A rerun skips done stages; ``fresh`` redoes them, ``only`` / ``skip``
-choose stages. Ctrl-C stops the running stage (:class:`CourseInterrupted`) and keeps the
-finished ones. Then :func:`qcourse.course.report.write_report` writes ``OUT/report.md``,
-``OUT/report.html`` and ``OUT/results.json``.
+and qcourse's code; one changed since qcourse wrote it is refused, not read. A rerun skips done
+stages; ``fresh`` redoes them, ``only`` / ``skip`` choose stages. The run replaces and deletes
+only the files qcourse wrote (:func:`qcourse.utils.atomic_write`,
+:func:`qcourse.utils.remove_owned_tree`): a user's file in ``OUT`` is never lost. Ctrl-C stops
+the running stage (:class:`CourseInterrupted`) and keeps the finished ones. Then
+:func:`qcourse.course.report.write_report` writes ``OUT/report.md``, ``OUT/report.html`` and
+``OUT/results.json``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ import torch
 from qcourse import __version__
 from qcourse.course import stages
 from qcourse.course.stages import CourseConfig, StageContext
-from qcourse.utils import atomic_write, file_sha256
+from qcourse.utils import atomic_write, check_writable, file_sha256, is_owned, remove_owned, remove_owned_tree
 
 __all__ = ["run_demo", "run_notebooks", "find_notebooks", "render_html", "NotebookFailed", "NotebooksInterrupted",
            "Stage", "STAGES", "STAGE_NAMES", "CourseConfig", "CourseInterrupted", "run_course"]
@@ -137,6 +139,7 @@ def run_notebooks(paths: List[Path], out_dir: Path, timeout: int = 600, echo=pri
     turns Ctrl-C into :class:`NotebooksInterrupted` (which one was running, which finished).
     """
     out_dir = Path(out_dir)
+    check_writable(out_dir / KERNEL_LOG, *(f for p in paths for f in notebook_files(p, out_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     env_backup = os.environ.get("MPLBACKEND")
@@ -158,6 +161,13 @@ def run_notebooks(paths: List[Path], out_dir: Path, timeout: int = 600, echo=pri
     return rows
 
 
+def notebook_files(path: Path, out_dir: Path) -> List[Path]:
+    """The files running the notebook ``path`` may write into ``out_dir``: its executed copy, the copy
+    of a failed run, its HTML page."""
+    out_dir = Path(out_dir)
+    return [out_dir / path.name, out_dir / f"{path.stem}.failed.ipynb", out_dir / f"{path.stem}.html"]
+
+
 def _run_one(path: Path, out_dir: Path, timeout: int):
     """Execute one notebook into ``out_dir / path.name``, atomically (see :func:`run_notebooks`)."""
     import nbformat
@@ -170,24 +180,25 @@ def _run_one(path: Path, out_dir: Path, timeout: int):
         nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    try:
-        with open(out_dir / KERNEL_LOG, "a") as kernel_log:  # the kernel's own warnings, off the terminal
-            kernel_log.write(f"== {path.name}\n")
-            kernel_log.flush()
+    log_path = out_dir / KERNEL_LOG
+    earlier = log_path.read_text(errors="replace") if is_owned(log_path) else ""
+    error = None
+    with atomic_write(log_path, suffix=".log") as tmp, open(tmp, "w") as kernel_log:
+        kernel_log.write(f"{earlier}== {path.name}\n")  # the kernel's own warnings, off the terminal
+        kernel_log.flush()
+        try:
             client.execute(stderr=kernel_log)
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt) or _was_ctrl_c(client, e):
+        except BaseException as e:  # the log is kept either way: it may say why
+            error = e
+    if error is not None:
+        if isinstance(error, KeyboardInterrupt) or _was_ctrl_c(client, error):
             raise KeyboardInterrupt from None
-        if isinstance(e, (CellExecutionError, CellTimeoutError, DeadKernelError)):
-            _raise_failed(e, nb, path, out_dir, timeout)
-        raise
-    tmp = out_dir / f".{path.name}.tmp"  # same folder: os.replace is then a rename, never a copy
-    try:
-        nbformat.write(nb, tmp)
-        os.replace(tmp, out_dir / path.name)
-        (out_dir / f"{path.stem}.failed.ipynb").unlink(missing_ok=True)  # from an earlier run
-    finally:
-        tmp.unlink(missing_ok=True)
+        if isinstance(error, (CellExecutionError, CellTimeoutError, DeadKernelError)):
+            _raise_failed(error, nb, path, out_dir, timeout)
+        raise error
+    with atomic_write(out_dir / path.name, suffix=".ipynb") as tmp:
+        nbformat.write(nb, str(tmp))
+    remove_owned(out_dir / f"{path.stem}.failed.ipynb")  # from an earlier run
 
 
 def _was_ctrl_c(client, e: BaseException) -> bool:
@@ -214,7 +225,8 @@ def _raise_failed(e: Exception, nb, path: Path, out_dir: Path, timeout: int):
     else:
         why = f"the kernel died (out of memory? see {out_dir / KERNEL_LOG})"
     failed = out_dir / f"{path.stem}.failed.ipynb"
-    nbformat.write(nb, failed)
+    with atomic_write(failed, suffix=".ipynb") as tmp:
+        nbformat.write(nb, str(tmp))
     raise NotebookFailed(f"{path.name} failed in {_failed_cell(nb)}: {why}; its executed copy up to "
                          f"there is {failed}") from e
 
@@ -246,9 +258,9 @@ class Stage:
 
     ``inputs(config, notebooks)``: the settings its results depend on; ``model``: whether the
     model and data (weights, COCO, image size, device) are inputs too; ``needs``: the stages
-    whose results it reads; ``summary(results)``: its progress line. Its folder is emptied
-    before it runs, except that a ``resumable`` stage keeps the files of an interrupted run with
-    the same inputs (a sensitivity scan, a QAT run resume from them), and a ``keep_files`` stage
+    whose results it reads; ``summary(results)``: its progress line. Its folder is emptied (of
+    qcourse's files) before it runs, except that a ``resumable`` stage keeps the files of an
+    interrupted run with the same inputs (a sensitivity scan, a QAT run resume from them), and a ``keep_files`` stage
     keeps them even when the inputs change (the notebooks stage re-executes only changed notebooks).
     """
 
@@ -303,11 +315,13 @@ def _notebooks_stage(ctx: StageContext) -> dict:
     ledger_path = ctx.folder / ".notebooks.json"
     ledger = _read_json(ledger_path) or {}
     code, rows = ctx.inputs["code"], []
-    for path in find_notebooks(config.notebooks):
+    paths = find_notebooks(config.notebooks)
+    check_writable(ledger_path, ctx.folder / KERNEL_LOG, *(f for p in paths for f in notebook_files(p, ctx.folder)))
+    for path in paths:
         fp = hashlib.sha256(path.read_bytes() + code.encode()).hexdigest()[:16]
         row = ledger.get(path.name)
-        if (row and row.get("fingerprint") == fp and (ctx.folder / path.name).is_file()
-                and (ctx.folder / row["html"]).is_file()):
+        if (row and row.get("fingerprint") == fp and is_owned(ctx.folder / path.name)
+                and is_owned(ctx.folder / str(row.get("html")))):
             config.echo(f"  {path.name}: unchanged since it ran in {row['seconds']:.0f} s, kept")
             row = {**row, "status": "kept"}
         else:
@@ -457,6 +471,20 @@ def _is_done(record: Optional[dict], fingerprint: str) -> bool:
     return bool(record) and (record.get("course_stage") or {}).get("fingerprint") == fingerprint
 
 
+#: the files :func:`_run_stage` writes into every stage's folder
+_STAGE_FILES = ("results.json", ".inputs.json", "log.txt")
+
+
+def _check_records(done: set, out: Path) -> None:
+    """The results of a done stage are read as they are: its results.json must be qcourse's, unchanged."""
+    for name in STAGE_NAMES:
+        path = out / name / "results.json"
+        if name in done and not is_owned(path):
+            raise ValueError(f"{path} was changed after qcourse wrote it (or qcourse did not write it), so stage "
+                             f"{name}'s results cannot be used; move it away (or restore it) and rerun: the stage "
+                             f"then runs again (alone with --only {name})")
+
+
 def _check_needs(chosen: List[str], done: set, out: Path) -> None:
     for st in STAGES:
         if st.name not in chosen:
@@ -468,33 +496,40 @@ def _check_needs(chosen: List[str], done: set, out: Path) -> None:
                                  "first, or drop --only/--skip)")
 
 
-#: marks a folder as made by qcourse course: stage folders inside it may be emptied and rewritten
+#: marks a folder as made by qcourse course (written, so listed as qcourse's, by :func:`_claim`)
 _MARKER = ".qcourse-course"
 
 
 def _claim(out: Path) -> None:
-    """Make sure ``out`` is ours to write: new, empty, made by this command (or its demo + notebooks version)."""
-    if (out / _MARKER).is_file():
+    """Make sure ``out`` is ours to write: new, empty, or made by this command (its marker unchanged).
+
+    Even then the course replaces and deletes only the files qcourse wrote (:mod:`qcourse.utils`):
+    a user's file put into a stage folder is left where it is.
+    """
+    if is_owned(out / _MARKER):
         return
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; pass a folder")
-    foreign = [p.name for p in out.iterdir() if p.name not in ("demo", "notebooks")] if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if foreign:
         raise FileExistsError(f"--out {out} holds files that `qcourse course` did not write "
                               f"({', '.join(foreign[:3])}); pass a new or empty folder (or one this command made) "
                               "to --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).write_text("made by `qcourse course`: its stage folders are rewritten when their inputs change\n")
+    with atomic_write(out / _MARKER) as tmp:
+        tmp.write_text("made by `qcourse course`: it replaces and deletes only the files it wrote here\n")
 
 
 def _prepare_folder(folder: Path, fingerprint: str, fresh: bool, st: Stage) -> None:
-    """Empty the stage's folder, unless its files can be resumed from (see :class:`Stage`)."""
+    """Empty the stage's folder, unless its files can be resumed from (see :class:`Stage`).
+
+    Emptying deletes only qcourse's own unchanged files (:func:`qcourse.utils.remove_owned_tree`).
+    """
     same = (_read_json(folder / ".inputs.json") or {}).get("fingerprint") == fingerprint
     keep = st.keep_files or (st.resumable and same)
     if folder.exists() and (fresh or not keep):
-        shutil.rmtree(folder)
+        remove_owned_tree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").unlink(missing_ok=True)  # from now on the folder's files are in the making
+    remove_owned(folder / "results.json")  # from now on the folder's files are in the making
     _write_json(folder / ".inputs.json", {"fingerprint": fingerprint})
 
 
@@ -508,12 +543,14 @@ def _run_stage(st: Stage, config: CourseConfig, fp: str, inputs: dict, records: 
     _prepare_folder(folder, fp, config.fresh, st)
     config.echo(f"{step} {st.name}: {st.title} ...")
     t0 = time.perf_counter()
-    with open(folder / "log.txt", "a") as log_file:  # the package's own messages: kept, off the terminal
-        def log(line: str) -> None:
-            log_file.write(f"{line}\n")
-            log_file.flush()
-
-        results = st.run(StageContext(config, folder, {n: records[n] for n in st.needs}, log, inputs))
+    log_path = folder / "log.txt"  # the package's own messages: kept, off the terminal
+    lines = [log_path.read_text(errors="replace")] if is_owned(log_path) else []
+    try:
+        results = st.run(StageContext(config, folder, {n: records[n] for n in st.needs},
+                                      lambda line: lines.append(f"{line}\n"), inputs))
+    finally:
+        with atomic_write(log_path, suffix=".txt") as tmp:
+            tmp.write_text("".join(lines))
     seconds = time.perf_counter() - t0
     record = json.loads(json.dumps(results))  # what the file will hold (int keys become strings, tuples lists)
     record["course_stage"] = {"name": st.name, "fingerprint": fp, "inputs": inputs, "seconds": round(seconds, 1),
@@ -548,12 +585,15 @@ def run_course(config: CourseConfig) -> dict:
     fps, inputs = _fingerprints(config, notebooks)
     records = {st.name: _read_json(out / st.name / "results.json") for st in STAGES}
     done = {n for n, r in records.items() if _is_done(r, fps[n])}
+    _check_records(done, out)
     _check_needs(chosen, done, out)
+    todo = [n for n in chosen if config.fresh or n not in done]
     _claim(out)
+    # a file of the names the run writes that qcourse did not write: refused before any stage runs
+    check_writable(*report.report_paths(out), *(out / n / f for n in todo for f in _STAGE_FILES))
     if (config.weights or config.coco) and set(chosen) - {"demo", "notebooks"}:
         stages.check_model_fits_data(config)
     status = {n: ("cached" if n in done else "not run") for n in STAGE_NAMES}
-    todo = [n for n in chosen if config.fresh or n not in done]
     for st in STAGES:
         if st.name not in chosen:
             continue

@@ -245,14 +245,19 @@ def qat(ctx: StageContext) -> dict:
     Each run has its own folder (``w8a8/``, ``stress/``); a finished one is kept when the stage
     reruns after an interruption, an interrupted one resumes from its ``last.pt``.
     """
+    from qcourse.utils import is_owned
     from qcourse.yolo.qat import YoloQATConfig, run_qat
 
     c = ctx.config
     runs = {}
     for name, settings in qat_runs(c).items():
         folder = ctx.folder / name
-        if (folder / "results.json").is_file():  # run_qat writes it last: that run finished
-            runs[name] = json.loads((folder / "results.json").read_text())
+        done = folder / "results.json"
+        if done.exists() and not is_owned(done):
+            raise ValueError(f"{done} was changed after qcourse wrote it (or qcourse did not write it), so that QAT "
+                             "run cannot be kept; move it away (or restore it) and rerun: the run then resumes")
+        if done.is_file():  # run_qat writes it last: that run finished
+            runs[name] = json.loads(done.read_text())
             ctx.log(f"{name}: finished earlier, kept")
             continue
         eight_bit = (settings["w_bits"], settings["a_bits"]) == (8, 8)

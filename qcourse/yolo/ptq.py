@@ -13,7 +13,8 @@ The model-agnostic steps live in :mod:`qcourse.ptq`; this module adds what is YO
   JSON-able data, ``torch.load(weights_only=True)`` reads them) that reload with identical
   outputs, ties and amax included;
 * :func:`ort_agreement` — the INT8 ONNX file in ONNX Runtime against the PyTorch model;
-* :func:`run_ptq` — the whole lesson for one :class:`PTQConfig`, writing ``OUT/results.json``.
+* :func:`run_ptq` — the whole lesson for one :class:`PTQConfig`, writing ``OUT/results.json``
+  (and the files :func:`output_files` names).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from qcourse import ptq, quant_modules, workflow
 from qcourse.export import export_onnx
 from qcourse.nn import TensorQuantizer
 from qcourse.tensor_quant import QuantDescriptor
-from qcourse.utils import atomic_write
+from qcourse.utils import atomic_write, check_writable, remove_owned, remove_owned_tree
 
 from . import default_checkpoint
 from .models import Detect, Model, load_checkpoint
@@ -43,7 +43,8 @@ from .models.checkpoint import (QUANTIZED_FORMAT, CheckpointError, float_model_f
 
 __all__ = [
     "PTQConfig", "load_float_model", "default_ignore", "quantizable_layers", "check_ignore", "quantize",
-    "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "loaders", "QUANTIZED_FORMAT_VERSION",
+    "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "output_files", "loaders",
+    "QUANTIZED_FORMAT_VERSION",
 ]
 
 QUANTIZED_FORMAT_VERSION = 1
@@ -349,10 +350,13 @@ def run_ptq(config: PTQConfig) -> dict:
     Writes ``fp32.onnx``, ``int8_<method>.onnx``, ``int8_<method>.pt`` and last
     ``results.json`` into ``config.out``. Files are made in a hidden staging folder and moved
     in at the end, so an interrupted run leaves the previous results as they were (or none).
+    A file of those names that qcourse did not write is refused before any work
+    (:func:`qcourse.utils.check_writable`): qcourse replaces only its own files.
     """
-    model, qmodel, info, img_size, root, calib, val = _prepare(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(*(out / name for name in output_files(config.methods)))
+    out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be a folder fails here, before the work
+    model, qmodel, info, img_size, root, calib, val = _prepare(config)
     stage = Path(tempfile.mkdtemp(prefix=".ptq-", dir=str(out)))
     try:
         example = torch.zeros(1, 3, img_size, img_size, device=config.device)
@@ -375,17 +379,21 @@ def run_ptq(config: PTQConfig) -> dict:
         }
         _publish(stage, out, results)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_owned_tree(stage)  # what the run wrote there; the folder too once empty
     return results
+
+
+def output_files(methods: Sequence[str]) -> List[str]:
+    """The names :func:`run_ptq` writes into its folder for these calibration methods."""
+    return ["fp32.onnx", *(f"int8_{m}{ext}" for m in methods for ext in (".onnx", ".pt")), "results.json"]
 
 
 def _publish(stage: Path, out: Path, results: dict) -> None:
     """Move the staged files into ``out``; results.json goes last, so it never names a missing file."""
-    old = out / "results.json"
-    if old.exists():
-        old.unlink()  # its files are about to be replaced: it must not describe the new ones
+    remove_owned(out / "results.json")  # its files are about to be replaced: it must not describe the new ones
     for f in sorted(stage.iterdir()):
-        os.replace(f, out / f.name)
-    tmp = stage / "results.json"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+        if f.is_file() and not f.name.startswith("."):  # not the folder's list of qcourse's files
+            with atomic_write(out / f.name, suffix=f.suffix) as tmp:
+                os.replace(f, tmp)  # a rename: the same file system
+    with atomic_write(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")

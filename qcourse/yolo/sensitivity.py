@@ -25,12 +25,12 @@ from torch import nn
 
 from qcourse import ptq, sensitivity
 from qcourse.sensitivity import KS
-from qcourse.utils import file_sha256
+from qcourse.utils import check_writable, file_sha256
 
 from . import ptq as yptq
 from .models.checkpoint import float_model_from_checkpoint, read_checkpoint
 
-__all__ = ["SensitivityConfig", "Prepared", "prepare", "requantizer", "run_sensitivity",
+__all__ = ["SensitivityConfig", "Prepared", "prepare", "requantizer", "run_sensitivity", "check_files",
            "PUBLISHED_YOLOV7_TOP10"]
 
 #: the ten most sensitive layers of YOLOv7 on COCO in the course's video (seed 002): a published
@@ -184,9 +184,13 @@ def run_sensitivity(config: SensitivityConfig) -> dict:
 
     ``OUT/sensitivity.json`` is the scan's file (see :func:`qcourse.sensitivity.sensitivity_analysis`):
     rerunning the same command resumes it. ``results.json`` is the summary, written last.
+    A damaged ``sensitivity.json``, or a file of these names that qcourse did not write, is
+    refused before the model is calibrated.
     """
     t0 = time.perf_counter()
     out = Path(config.out)
+    check_files(config)
+    out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be a folder fails here, before the work
     prep = prepare(config)
     config.log(f"{len(sensitivity.quantized_layers(prep.qmodel))} quantized layers; "
                f"evaluating {'all' if config.eval_batches is None else config.eval_batches} val batches each")
@@ -199,6 +203,16 @@ def run_sensitivity(config: SensitivityConfig) -> dict:
     results["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     sensitivity.write_json_atomic(out / "results.json", results)
     return results
+
+
+def check_files(config: SensitivityConfig) -> None:
+    """Refuse, before any work, what the run could not write: a damaged scan to resume, or a file qcourse
+    did not write (:func:`qcourse.utils.check_writable`)."""
+    out = Path(config.out)
+    scan = out / "sensitivity.json"
+    if not config.proxy_only and not config.fresh and scan.exists():
+        sensitivity.load_results(scan)  # a damaged file to resume is reported as such (and left as it is)
+    check_writable(out / "results.json", *(() if config.proxy_only else (scan,)))
 
 
 def _scan_and_table(prep: Prepared, config: SensitivityConfig, proxy, out: Path, seconds: dict) -> dict:

@@ -8,6 +8,7 @@ stubs that fail the test, so a value refused too late shows up as a failure, not
 Training through the command is tested in test_train.py (it needs a dataset).
 """
 import argparse
+import errno
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 import qcourse
 from qcourse.course import cli, run as course
+from qcourse.utils import OWNED_LIST, atomic_write, is_owned
 
 
 def run_cli(argv, capsys):
@@ -197,6 +199,10 @@ def _raising(exc):
     (FileNotFoundError(2, "No such file or directory", "runs/x/last.pt"), ["runs/x/last.pt", "check the path"]),
     (PermissionError(13, "Permission denied", "/root/runs"), ["/root/runs", "another --out"]),
     (NotADirectoryError(20, "Not a directory", "a/file/b"), ["a/file/b"]),
+    (OSError(errno.ENOSPC, "No space left on device"), ["no space left on device: runs/demo (--out)",
+                                                        "free space or pick another --out"]),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), ["/mnt/ro/x", "pick a location you may write"]),
+    (OSError(errno.EIO, "Input/output error", "/mnt/x", None, "/mnt/y"), ["/mnt/y", "check the path and the disk"]),
 ])
 def test_user_errors_from_the_code_are_one_line(exc, words, monkeypatch, capsys):
     monkeypatch.setattr(course, "run_demo", _raising(exc))
@@ -273,8 +279,16 @@ LESSONS = ["01_math.ipynb", "02_quant.ipynb", "03_tensor_quantizer.ipynb", "04_c
 
 
 def _saved(out: Path):
-    """The notebooks in ``out`` (``kernel.log`` holds the kernels' own messages)."""
-    return sorted(p.name for p in out.iterdir() if p.name != course.KERNEL_LOG)
+    """The notebooks in ``out`` (``kernel.log`` holds the kernels' own messages, ``.qcourse-files.json``
+    lists the files qcourse wrote there)."""
+    return sorted(p.name for p in out.iterdir() if p.name not in (course.KERNEL_LOG, OWNED_LIST))
+
+
+def _written_by_qcourse(path: Path, text: str) -> Path:
+    """``path`` with ``text``, written as qcourse writes its files (an earlier run's)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("signal", ["ctrl-c", "kernel-ctrl-c", "nbclient-ctrl-c"])
@@ -294,8 +308,7 @@ def test_interrupted_notebook_leaves_no_file_under_its_name(tmp_path, fake_kerne
 def test_failed_notebook_keeps_its_copy_under_another_name(tmp_path, fake_kernel):
     paths = _notebooks(tmp_path / "nb", dict(zip(LESSONS, [["ok"], ["ok", "fail", "ok"], ["ok"]])))
     out = tmp_path / "out"
-    (out).mkdir()
-    (out / "02_quant.failed.ipynb").write_text("{}")  # from an earlier failure: replaced below
+    _written_by_qcourse(out / "02_quant.failed.ipynb", "{}")  # from an earlier failure: replaced below
     with pytest.raises(course.NotebookFailed, match=r"02_quant.ipynb failed in code cell 2: ValueError: boom"):
         course.run_notebooks(paths, out, echo=lambda *a: None)
     assert _saved(out) == ["01_math.ipynb", "02_quant.failed.ipynb"]
@@ -306,11 +319,11 @@ def test_failed_notebook_keeps_its_copy_under_another_name(tmp_path, fake_kernel
 def test_success_replaces_an_earlier_failed_copy(tmp_path, fake_kernel):
     paths = _notebooks(tmp_path / "nb", {"01_math.ipynb": ["ok"]})
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "01_math.failed.ipynb").write_text("{}")
+    _written_by_qcourse(out / "01_math.failed.ipynb", "{}")
     rows = course.run_notebooks(paths, out, echo=lambda *a: None)
     assert [r["notebook"] for r in rows] == ["01_math.ipynb"]
     assert _saved(out) == ["01_math.ipynb"]
+    assert is_owned(out / "01_math.ipynb") and is_owned(out / course.KERNEL_LOG)
 
 
 def test_real_kernel_failure_is_reported_and_not_saved(tmp_path):
@@ -366,6 +379,34 @@ def test_course_ctrl_c_in_the_demo(tmp_path, monkeypatch, no_work, capsys):
     assert code == 130
     assert one_line(err) == ("qcourse: interrupted in stage demo; finished stages are kept (none yet): rerun the "
                              "same command to continue")
+
+
+def test_course_fresh_notebooks_keep_a_users_files(tmp_path, fake_kernel, capsys):
+    _notebooks(tmp_path / "nb", dict(zip(LESSONS[:2], [["ok"], ["ok"]])))
+    argv = ["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb", "--only", "notebooks"]
+    assert run_cli(argv, capsys)[0] == 0
+    executed = tmp_path / "out" / "notebooks"
+    data = executed / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    code, out, err = run_cli([*argv, "--fresh"], capsys)
+    assert code == 0, err
+    assert data.read_text() == "a,b\n1,2\n"  # --fresh deletes only what qcourse wrote
+    assert all(f"running {n}" in out for n in LESSONS[:2])
+    for name in (*LESSONS[:2], "01_math.html", course.KERNEL_LOG, "log.txt", "results.json"):
+        assert is_owned(executed / name), name
+
+
+def test_course_refuses_a_users_notebook_of_the_same_name_before_running(tmp_path, fake_kernel, capsys):
+    _notebooks(tmp_path / "nb", dict(zip(LESSONS[:2], [["ok"], ["ok"]])))
+    argv = ["course", "--out", tmp_path / "out", "--notebooks", tmp_path / "nb", "--only", "notebooks"]
+    assert run_cli(argv, capsys)[0] == 0
+    mine = tmp_path / "out" / "notebooks" / LESSONS[1]
+    mine.write_text("my own edited copy")  # no longer the file qcourse wrote
+    (tmp_path / "nb" / LESSONS[0]).write_text((tmp_path / "nb" / LESSONS[0]).read_text() + " ")  # changed: reruns
+    code, out, err = run_cli(argv, capsys)
+    line = one_line(err)
+    assert code == 2 and str(mine) in line and "not written by qcourse" in line and "running" not in out
+    assert mine.read_text() == "my own edited copy"
 
 
 def test_course_failed_notebook_is_one_line_exit_1(tmp_path, fake_kernel, monkeypatch, capsys):

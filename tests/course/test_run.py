@@ -347,14 +347,18 @@ def test_engines_are_tensorrt_on_a_gpu_with_tensorrt_else_onnxruntime(monkeypatc
     ("keep_files", True, True, False),
 ])
 def test_stage_folder_is_emptied_unless_it_can_resume(tmp_path, kind, same, fresh, kept):
+    from qcourse.utils import atomic_write
+
     folder = tmp_path / "stage"
-    folder.mkdir()
-    (folder / ".inputs.json").write_text(json.dumps({"fingerprint": "abc"}))
-    (folder / "partial.bin").write_bytes(b"work done before Ctrl-C")
-    (folder / "results.json").write_text("{}")
+    for name, text in ((".inputs.json", json.dumps({"fingerprint": "abc"})), ("partial.bin", "work before Ctrl-C"),
+                       ("results.json", "{}"), ("w8a8/last.pt", "a run's checkpoint")):
+        with atomic_write(folder / name) as tmp:  # the stage's own files, as qcourse wrote them
+            tmp.write_text(text)
+    (folder / "w8a8" / "mine.txt").write_text("a user's file")  # never deleted, whatever the stage does
     st = course.Stage("x", "a stage", lambda ctx: {}, str, lambda c, nb: {}, resumable=kind == "resumable",
                       keep_files=kind == "keep_files")
     course._prepare_folder(folder, "abc" if same else "def", fresh, st)
-    assert (folder / "partial.bin").exists() == kept
+    assert (folder / "partial.bin").exists() == kept and (folder / "w8a8" / "last.pt").exists() == kept
+    assert (folder / "w8a8" / "mine.txt").read_text() == "a user's file"
     assert not (folder / "results.json").exists()  # never done until the stage writes it again
     assert json.loads((folder / ".inputs.json").read_text())["fingerprint"] == ("abc" if same else "def")

@@ -116,17 +116,6 @@ def test_command_errors_are_one_line_exit_2(default, tmp_path, capsys):
     mine.parent.mkdir()
     mine.write_bytes(b"the user's own model")
     assert main(["build", "--out", str(mine.parent / "int8.onnx")]) == 2
-    assert "exists and was not exported by qcourse" in capsys.readouterr().err
+    assert "exists and was not written by qcourse" in capsys.readouterr().err
     assert mine.read_bytes() == b"the user's own model" and not (mine.parent / "int8.onnx").exists()
 
-
-def test_exports_are_marked_as_qcourse_s(default, tmp_path):
-    from qcourse.export import is_qcourse_export
-
-    assert is_qcourse_export(default["qdq"]) and is_qcourse_export(default["fp32"])
-    other = tmp_path / "other.onnx"
-    onnx.save(onnx.load(default["fp32"]), str(other))  # the same graph, metadata cleared below
-    m = onnx.load(str(other))
-    del m.metadata_props[:]
-    onnx.save(m, str(other))
-    assert not is_qcourse_export(other) and not is_qcourse_export(tmp_path / "missing.onnx")

@@ -17,6 +17,7 @@ from qcourse.export import export_onnx
 from qcourse.yolo import models
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
+from qcourse.utils import OWNED_LIST, atomic_write, is_owned
 
 
 def _c(*layers):
@@ -147,8 +148,9 @@ def test_cli_runs_end_to_end_on_a_small_slice(tmp_path, capsys):
     assert set(res["int8"]) == {"entropy"} and res["int8"]["entropy"]["placement_problems"] == 0
     for f in (res["fp32"]["onnx"], res["int8"]["entropy"]["onnx"], res["int8"]["entropy"]["checkpoint"]):
         assert (out / f).is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["fp32.onnx", "int8_entropy.onnx", "int8_entropy.pt",
-                                                     "results.json"]  # no staging folder left
+    written = ["fp32.onnx", "int8_entropy.onnx", "int8_entropy.pt", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OWNED_LIST, *written]  # no staging folder left
+    assert all(is_owned(out / name) for name in written)  # listed as qcourse's: a rerun may replace them
     assert 0 <= res["int8"]["entropy"]["map"] <= 1 and "int8 entropy" in capsys.readouterr().out
 
 
@@ -180,3 +182,22 @@ def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
         assert rc == 2, (args, err)
         assert err.startswith("qcourse: error:") and err.count("\n") == 1 and message in err, (args, err)
         assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("name", ["results.json", "fp32.onnx", "int8_max.pt"])
+def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, name, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("the run started working instead of refusing")
+
+    monkeypatch.setattr(yptq, "_prepare", refuse)
+    out = tmp_path / "ptq"
+    out.mkdir()
+    with atomic_write(out / "int8_max.onnx") as tmp:  # an earlier run's file: that one may be replaced
+        tmp.write_text("from an earlier run")
+    mine = out / name
+    mine.write_text("the user's own file")
+    assert main(["ptq", "--method", "max", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(mine) in err and "was not written by qcourse" in err
+    assert mine.read_text() == "the user's own file"
+

@@ -16,6 +16,7 @@ from torch import nn
 from qcourse.course.cli import main
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import sensitivity as ys
+from qcourse.utils import is_owned
 from qcourse.yolo.evaluate import evaluate
 
 SMALL = ["--calib-batches", "1", "--eval-batches", "1", "--batch-size", "8"]
@@ -47,6 +48,7 @@ def test_cli_writes_the_scan_the_summary_and_the_chart(scanned):
     assert [r["layer"] for r in res["top"]] == res["map_vs_k"][-1]["float_layers"]
     assert res["proxy_correlation"]["layers"] == N_LAYERS and -1 <= res["proxy_correlation"]["spearman"] <= 1
     assert (out / "sensitivity.png").stat().st_size > 10_000
+    assert all(is_owned(out / f) for f in ("sensitivity.json", "results.json", "sensitivity.png"))
     assert "most sensitive layers" in stdout and "Spearman rho" in stdout
 
 
@@ -137,6 +139,22 @@ def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
         assert rc == 2, (args, err)
         assert err.startswith("qcourse: error:") and err.count("\n") == 1 and message in err, (args, err)
     assert (damaged / "sensitivity.json").read_text() == '{"config": {'
+
+
+@pytest.mark.parametrize("name,args", [("results.json", []), ("results.json", ["--proxy"]),
+                                       ("sensitivity.json", ["--fresh"]), ("sensitivity.png", [])])
+def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, name, args, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("the run started working instead of refusing")
+
+    monkeypatch.setattr(ys, "prepare", refuse)
+    mine = tmp_path / "out" / name
+    mine.parent.mkdir()
+    mine.write_text("the user's own file")
+    assert main(["sensitivity", *SMALL, *args, "--out", str(mine.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(mine) in err and "was not written by qcourse" in err
+    assert mine.read_text() == "the user's own file"
 
 
 def test_published_reference_is_the_courses_top_10():
