@@ -13,6 +13,11 @@ integer kernels. A narrow-range quantizer (no -128 code) gets a ``Max(x, -127*y_
 in front of its ``QuantizeLinear``, so the exported graph never produces a code that
 training never saw.
 
+After the export, :func:`tidy_qdq_graph` gives every QuantizeLinear and DequantizeLinear its
+own scale and zero-point initializer (as pytorch_quantization's graphs have, and as
+TensorRT's ONNX parser documents) and removes the Casts that do not change a type. It
+changes no value: the outputs are bit-identical.
+
 The PyTorch forward divides by the same float32 ``y_scale`` and rounds half to even,
 like ``QuantizeLinear``: a single quantizer exported here matches ONNX Runtime exactly.
 """
@@ -28,9 +33,10 @@ import torch
 from torch import nn
 
 from qcourse.nn import TensorQuantizer
-from qcourse.utils import atomic_write
+from qcourse.utils import atomic_write, check_file_size
 
-__all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable"]
+__all__ = ["export_onnx", "list_qdq_nodes", "load_onnx", "check_exportable", "tidy_qdq_graph",
+           "remove_noop_casts"]
 
 
 def check_exportable(model: nn.Module, opset: int = 13) -> List[str]:
@@ -69,7 +75,8 @@ def export_onnx(model: nn.Module, example: Union[torch.Tensor, Sequence[torch.Te
         check: run ``onnx.checker`` on the result.
 
     Uses the TorchScript exporter (``dynamo=False``), which honours the opset and the
-    custom Q/DQ symbolic; the dynamo exporter would silently raise the opset to 18.
+    custom Q/DQ symbolic; the dynamo exporter would silently raise the opset to 18. Its graph
+    then goes through :func:`tidy_qdq_graph` (own Q/DQ constants, no no-op Casts).
     """
     import onnx
 
@@ -103,6 +110,7 @@ def export_onnx(model: nn.Module, example: Union[torch.Tensor, Sequence[torch.Te
             torch.onnx.export(model, args, str(tmp), opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True, dynamo=False)
+            _tidy_file(tmp)
             if check:
                 onnx.checker.check_model(str(tmp))
     finally:
@@ -121,13 +129,213 @@ def _flatten(out):
             yield from _flatten(o)
 
 
+# ----------------------------------------------------------------------------- the tidy pass
+def _tidy_file(path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    tidy_qdq_graph(model)
+    onnx.save(model, str(path))
+
+
+def tidy_qdq_graph(model) -> Dict[str, int]:
+    """Rewrite an exported graph in place into the form TensorRT's ONNX parser documents. Exact.
+
+    * every QuantizeLinear / DequantizeLinear reads its own scale and zero-point initializer,
+      as in pytorch_quantization's graphs: the TorchScript exporter folds equal constants
+      into one initializer, shares it between quantizers (and routes some uses through
+      ``Identity`` nodes) and leaves the zero points as ``Constant`` nodes;
+    * a ``Cast`` to the type its input already has is removed (the exporter records a
+      ``.float()`` of a float tensor as one); a Cast that changes the type stays.
+
+    The values are untouched, so every output is bit-identical. :func:`export_onnx` runs this
+    on every export; it also tidies a graph exported before (running it twice changes nothing).
+    Returns counts: ``qdq_constants`` (scale/zero-point inputs given their own initializer),
+    ``casts`` (Casts removed), ``nodes_removed`` (those Casts and the Identity/Constant nodes
+    no longer read).
+    """
+    n_before = len(model.graph.node)
+    given = _own_qdq_constants(model)
+    casts = remove_noop_casts(model)
+    return {"qdq_constants": given, "casts": casts, "nodes_removed": n_before - len(model.graph.node)}
+
+
+def _constant_protos(graph) -> Dict[str, object]:
+    """Tensor name -> the TensorProto holding its value: initializers, ``Constant`` nodes, and
+    ``Identity`` copies of those (graph order: an Identity comes after what it copies)."""
+    protos = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                protos[node.output[0]] = value
+        elif node.op_type == "Identity" and node.input[0] in protos:
+            protos[node.output[0]] = protos[node.input[0]]
+    return protos
+
+
+def _subgraph_names(graph) -> set:
+    """Every tensor name read or written inside a subgraph (If/Loop/Scan bodies) of ``graph``."""
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                for n in sub.node:
+                    names.update(n.input)
+                    names.update(n.output)
+                names.update(_subgraph_names(sub))
+    return names
+
+
+def _all_names(graph) -> set:
+    names = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    names |= {v.name for v in graph.value_info} | _subgraph_names(graph)
+    for n in graph.node:
+        names.update(n.input)
+        names.update(n.output)
+    return names
+
+
+def _own_qdq_constants(model) -> int:
+    """Give every Q/DQ node its own scale and zero-point initializer; drop what no longer has a reader."""
+    import collections
+
+    g = model.graph
+    protos = _constant_protos(g)
+    readers = collections.Counter(i for n in g.node for i in n.input)
+    readers.update(v.name for v in g.output)
+    readers.update(_subgraph_names(g))
+    inits = {i.name for i in g.initializer}
+    taken = _all_names(g)
+    detached, given = set(), 0
+    for k, node in enumerate(g.node):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        prefix = "y" if node.op_type == "QuantizeLinear" else "x"
+        for slot, what in ((1, "scale"), (2, "zero_point")):
+            if slot >= len(node.input) or node.input[slot] not in protos:
+                continue   # an optional zero point left out, or a scale computed at run time
+            src, base = node.input[slot], f"{node.name or f'{node.op_type}_{k}'}/{prefix}_{what}"
+            if src in inits and readers[src] == 1 and src.startswith(base):
+                continue   # already its own (a tidied graph)
+            name, n = base, 0
+            while name in taken:
+                n += 1
+                name = f"{base}_{n}"
+            tensor = g.initializer.add()
+            tensor.CopyFrom(protos[src])
+            tensor.name = name
+            taken.add(name)
+            readers[src] -= 1
+            node.input[slot] = name
+            detached.add(src)
+            given += 1
+    _drop_unread(g, detached, readers)
+    return given
+
+
+def _drop_unread(graph, names: set, readers) -> None:
+    """Remove the initializers, ``Constant`` and ``Identity`` nodes among ``names`` nobody reads."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer} - {v.name for v in graph.input}
+    dead_nodes, dead_inits = set(), set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if readers[name] > 0 or name in dead_inits:
+            continue
+        node = producer.get(name)
+        if node is None:
+            if name in inits:
+                dead_inits.add(name)
+        elif node.op_type in ("Constant", "Identity") and id(node) not in dead_nodes:
+            dead_nodes.add(id(node))
+            for i in node.input:   # an Identity's source loses a reader
+                readers[i] -= 1
+                todo.append(i)
+    keep = [n for n in graph.node if id(n) not in dead_nodes]
+    del graph.node[:]
+    graph.node.extend(keep)
+    keep_inits = [i for i in graph.initializer if i.name not in dead_inits]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    gone = {o for n in producer.values() if id(n) in dead_nodes for o in n.output} | dead_inits
+    keep_info = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_info)
+
+
+def remove_noop_casts(model) -> int:
+    """Remove, in place, every ``Cast`` of the main graph whose input already has the target type.
+
+    The types come from ONNX shape inference; a Cast whose input type is unknown, or that
+    changes the type, stays. Readers of the Cast's output read its input instead; where the
+    output is a graph output, the input's producer writes it under that name (a Cast that
+    copies a graph input or an initializer straight to a graph output stays: no node could).
+    Exact. Returns how many were removed.
+    """
+    import onnx
+
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # a graph shape inference cannot read: keep every Cast
+        return 0
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    elem.update({i.name: i.data_type for i in g.initializer})
+    outputs = {v.name for v in g.output}
+    fixed = {v.name for v in g.input} | {i.name for i in g.initializer} | outputs | _subgraph_names(g)
+    producer = {o: n for n in g.node for o in n.output}
+    removed, gone = [], set()
+    for cast in list(g.node):
+        if cast.op_type != "Cast":
+            continue
+        to = next((a.i for a in cast.attribute if a.name == "to"), None)
+        src, out = cast.input[0], cast.output[0]
+        if not to or elem.get(src) != to:
+            continue
+        if out in outputs:   # the graph output keeps its name: src's producer writes it
+            if src in fixed or src not in producer:
+                continue
+            old, new = src, out
+            producer[src].output[list(producer[src].output).index(src)] = out
+            producer[out] = producer.pop(src)
+        elif out in fixed:
+            continue
+        else:
+            old, new = out, src
+        for n in g.node:
+            if n is not cast:
+                for k, i in enumerate(n.input):
+                    if i == old:
+                        n.input[k] = new
+        removed.append(cast)
+        gone.add(old)
+    if removed:
+        ids = {id(c) for c in removed}
+        keep = [n for n in g.node if id(n) not in ids]
+        del g.node[:]
+        g.node.extend(keep)
+        keep_info = [v for v in g.value_info if v.name not in gone]
+        del g.value_info[:]
+        g.value_info.extend(keep_info)
+    return len(removed)
+
+
+#: the largest ONNX file read: protobuf's 2 GiB limit (weights beyond it live in external data files)
+MAX_ONNX_BYTES = 2 << 30
+
+
 def load_onnx(path: Union[str, os.PathLike]):
-    """``onnx.load`` with clear errors for a missing or corrupt file."""
+    """``onnx.load`` with clear errors for a missing, corrupt or too large file (refused before it is read)."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}; export one with qcourse.export.export_onnx")
+    check_file_size(path, MAX_ONNX_BYTES, "an ONNX file (protobuf's limit; a larger model keeps its weights in "
+                    "external data files)", "pass an ONNX model exported by qcourse.export.export_onnx")
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -143,15 +351,10 @@ def list_qdq_nodes(model_or_path) -> List[Dict]:
     from onnx import numpy_helper
 
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path)
-    consts = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:   # graph order: an Identity comes after what it copies
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-        elif node.op_type == "Identity" and node.input[0] in consts:
-            # the exporter shares one folded scale between quantizers that share an amax
-            consts[node.output[0]] = consts[node.input[0]]
+    # export_onnx gives each node its own initializers; older exports may route a shared one
+    # through Identity nodes, or hold a zero point in a Constant node: both are read here too
+    protos = _constant_protos(model.graph)
+    consts = {name: numpy_helper.to_array(t) for name, t in protos.items()}
     rows = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":

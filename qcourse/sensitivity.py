@@ -42,7 +42,7 @@ from torch import nn
 
 from qcourse import workflow
 from qcourse.nn import TensorQuantizer
-from qcourse.utils import atomic_write, check_writable
+from qcourse.utils import InputFileError, atomic_write, check_writable, load_json
 
 __all__ = [
     "FORMAT", "KS", "Slot", "default_layer_of", "quantizer_slots", "layer_groups", "quantized_layers",
@@ -232,13 +232,18 @@ def _problem(data) -> Optional[str]:
     return None
 
 
+#: the largest sensitivity file read (one row per layer: ~20 KiB for YOLOv7's ~100 layers)
+MAX_RESULTS_BYTES = 8 << 20
+
+
 def load_results(path: Union[str, os.PathLike]) -> dict:
     """Read a sensitivity file; ``SensitivityFileError`` (the file left as it is) when it is not one."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        problem = f"it is not valid JSON ({e})"
+    try:  # bounded: a huge or deeply nested file is reported like any damaged one
+        data = load_json(path, MAX_RESULTS_BYTES, "a sensitivity results file (one row per layer: "
+                         "about 20 KiB for YOLOv7)", "")  # the fix is said below
+    except InputFileError as e:
+        problem = f"it {e.problem}"
     else:
         problem = _problem(data)
     if problem:

@@ -282,3 +282,142 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- files and sizes from users
+# Every file a user hands to qcourse (annotations, results to resume, ONNX models, checkpoints) is
+# bounded before it is read: its size is checked against what a real file of its kind can weigh, and
+# JSON is parsed from those bytes only, so a huge or hostile file is refused in one line instead of
+# filling the memory or overflowing the stack.
+__all__ += ["InputFileError", "format_bytes", "check_file_size", "read_bounded", "load_json",
+            "NotEnoughMemoryError", "available_memory", "check_memory", "INPUT_MEMORY_SHARE"]
+
+class InputFileError(ValueError):
+    """A file given to qcourse that it does not read: larger than a file of its kind can be, not
+    JSON, or nested deeper than one. The message is ``"{path} {problem}; {fix}"``; the three parts
+    are attributes, for callers that say it in their own words."""
+
+    def __init__(self, path, problem: str, fix: str):
+        self.path, self.problem, self.fix = Path(path), problem, fix
+        super().__init__(f"{path} {problem}; {fix}")
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps a leading digit: ``"1.5 GiB"``, ``"512 bytes"``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_file_size(path, limit: int, what: str, fix: str) -> int:
+    """The size of ``path`` in bytes; :class:`InputFileError` when it is larger than ``limit``.
+
+    Only the file system is asked (``stat``): nothing of the file is read. ``what`` names the kind
+    of file and what a real one weighs, e.g. ``"a COCO annotation file (instances_train2017.json:
+    448 MiB)"``; ``fix`` says what to pass instead. A missing file raises ``FileNotFoundError``.
+    """
+    size = os.stat(path).st_size
+    if size > limit:
+        raise InputFileError(path, f"is {format_bytes(size)}, more than the {format_bytes(limit)} qcourse "
+                                   f"reads of {what}", fix)
+    return size
+
+
+def read_bounded(path, limit: int, what: str, fix: str) -> bytes:
+    """The bytes of ``path``, refused (:class:`InputFileError`) beyond ``limit`` bytes.
+
+    The size is checked before reading (:func:`check_file_size`), and the read stops one byte past
+    ``limit``: a file that grew meanwhile, a pipe or a device (whose size ``stat`` does not know)
+    cannot make it read more.
+    """
+    check_file_size(path, limit, what, fix)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputFileError(path, f"holds more than the {format_bytes(limit)} qcourse reads of {what}", fix)
+    return data
+
+
+def load_json(path, limit: int, what: str, fix: str):
+    """The JSON value in ``path``, read with :func:`read_bounded`.
+
+    Invalid JSON, bytes that are not text, and nesting deeper than Python's parser follows (a
+    ``RecursionError`` otherwise) raise :class:`InputFileError` naming the file, the problem and
+    ``fix``.
+    """
+    data = read_bounded(path, limit, what, fix)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        problem = f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    except UnicodeDecodeError as e:
+        problem = f"is not a text (JSON) file ({e})"
+    except RecursionError:
+        problem = "nests its JSON lists or objects deeper than Python's parser follows (a damaged or hostile file)"
+    raise InputFileError(path, problem, fix)
+
+
+class NotEnoughMemoryError(ValueError):
+    """Work refused before it starts because its input alone would take too much of the memory."""
+
+
+#: the share of the available memory that one batch of input may take: a network's activations
+#: take many times its input, so a batch past this share cannot run
+INPUT_MEMORY_SHARE = 0.25
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, or None where there is none."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            rel = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
+        if rel is None:
+            return None
+        folder = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((folder / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory that new work can still get here, or None where it cannot be told.
+
+    Linux's estimate (``MemAvailable`` in ``/proc/meminfo``), lowered to the room left under this
+    process's cgroup limit (a container's); elsewhere the physical memory (``os.sysconf``).
+    """
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            pass
+    room = _cgroup_room()
+    if room is not None:
+        avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def check_memory(nbytes: int, what: str, fix: str, share: float = INPUT_MEMORY_SHARE) -> None:
+    """Refuse (:class:`NotEnoughMemoryError`) work whose input of ``nbytes`` bytes would take more
+    than ``share`` of :func:`available_memory`, before anything is allocated.
+
+    ``what`` names the input (``"a batch of 32 images of 640x640 pixels"``), ``fix`` says how to
+    make it smaller. Where the available memory cannot be told, nothing is refused.
+    """
+    avail = available_memory()
+    if avail is not None and nbytes > share * avail:
+        raise NotEnoughMemoryError(
+            f"{what} takes {format_bytes(nbytes)}, more than {share:.0%} of the {format_bytes(avail)} of memory "
+            f"available here (the model needs the rest and more); {fix}")

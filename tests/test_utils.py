@@ -89,3 +89,54 @@ def test_a_damaged_or_huge_list_owns_nothing(tmp_path):
     _write(path, "{}")
     (tmp_path / OWNED_LIST).write_text("[" * 100000)
     assert not is_owned(path)
+
+
+# ----------------------------------------------------------------------------- bounded reading, memory
+def test_read_bounded_refuses_by_size_before_reading_and_stops_past_the_limit(tmp_path):
+    from qcourse.utils import InputFileError, load_json, read_bounded
+
+    small = tmp_path / "a.json"
+    small.write_text('{"a": [1, 2]}')
+    assert read_bounded(small, 13, "a test file", "pass a smaller one") == b'{"a": [1, 2]}'
+    assert load_json(small, 1 << 10, "a test file", "pass a smaller one") == {"a": [1, 2]}
+    with pytest.raises(InputFileError) as e:
+        read_bounded(small, 12, "a test file (5 bytes)", "pass a smaller one")
+    assert str(e.value) == f"{small} is 13 bytes, more than the 12 bytes qcourse reads of a test file (5 bytes); " \
+                           "pass a smaller one"
+    assert (e.value.path, e.value.fix) == (small, "pass a smaller one") and isinstance(e.value, ValueError)
+    # a device whose size stat does not know (0): the read stops one byte past the limit
+    with pytest.raises(InputFileError, match=r"/dev/zero holds more than the 1.0 MiB qcourse reads of a test file"):
+        read_bounded("/dev/zero", 1 << 20, "a test file", "pass a smaller one")
+
+
+@pytest.mark.parametrize("data,words", [
+    (b'{"a": [1,', ["is not valid JSON", "line 1, column 10"]),
+    (b"\xff\xfe\xff", ["is not a text (JSON) file"]),
+    (b"[" * 100_000 + b"]" * 100_000, ["nests its JSON lists or objects deeper"]),
+])
+def test_load_json_names_the_file_and_the_problem(tmp_path, data, words):
+    from qcourse.utils import InputFileError, load_json
+
+    path = tmp_path / "x.json"
+    path.write_bytes(data)
+    with pytest.raises(InputFileError) as e:
+        load_json(path, 1 << 20, "a test file", "pass another file")
+    msg = str(e.value)
+    assert msg.startswith(f"{path} ") and msg.endswith("; pass another file")
+    for w in words:
+        assert w in msg
+
+
+def test_check_memory_refuses_more_than_its_share_of_the_available_memory(monkeypatch):
+    import qcourse.utils as u
+
+    avail = u.available_memory()
+    assert avail is not None and 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(u, "available_memory", lambda: 8 << 30)
+    u.check_memory(2 << 30, "two gigs", "use less")  # exactly the share: accepted
+    with pytest.raises(u.NotEnoughMemoryError) as e:
+        u.check_memory((2 << 30) + 1, "a batch of 8 images", "pass a smaller batch")
+    assert str(e.value).startswith("a batch of 8 images takes 2.0 GiB, more than 25% of the 8.0 GiB of memory")
+    assert str(e.value).endswith("; pass a smaller batch") and isinstance(e.value, ValueError)
+    monkeypatch.setattr(u, "available_memory", lambda: None)  # unknown: nothing refused
+    u.check_memory(1 << 60, "anything", "nothing")

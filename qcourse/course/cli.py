@@ -103,7 +103,13 @@ def _cmd_eval(args) -> int:
 
     weights = args.weights or default_checkpoint()
     model = models.load_checkpoint(weights)
-    img_size = args.img_size or int(model.meta.get("img_size", 640))
+    img_size = args.img_size or model.meta.get("img_size", 640)
+    if isinstance(img_size, float) and img_size.is_integer():  # JSON metadata: 640.0 is 640
+        img_size = int(img_size)
+    problem = None if args.img_size else _img_size_problem(img_size)
+    if problem:  # the checkpoint's own record: a file from elsewhere may hold anything
+        raise ValueError(f"{weights} records the image size it was trained at as {img_size!r}: {problem} "
+                         "with --img-size")
     root, _, val = dataset_splits(args.coco, progress=True)
     split = args.split or val
     loader = create_dataloader(root, split, img_size=img_size, batch_size=args.batch_size)
@@ -145,21 +151,43 @@ def _number(text: str, cast, hint: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}; pass {hint}") from None
 
 
-def _int_at_least(low: int):
+#: the largest whole number an option takes: counts, sizes and seeds all fit (a seed is 32 bits), and
+#: what code downstream gets stays a machine integer (itertools.islice refuses more than sys.maxsize)
+MAX_OPTION_INT = 2**31 - 1
+#: the largest --img-size: YOLOv7 runs at 640 (its -w6 models at 1280); one 4096 px image is 200 MB as float32
+MAX_IMG_SIZE = 4096
+
+
+def _int_at_least(low: int, high: int = MAX_OPTION_INT):
     def parse(text: str) -> int:
-        value = _number(text, int, f"one >= {low}")
+        value = _number(text, int, f"one from {low} to {high}")
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is too small; pass a whole number >= {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} is too large; pass a whole number from {low} to {high}")
         return value
 
     return parse
 
 
+def _img_size_problem(value) -> Optional[str]:
+    """What is wrong with ``value`` as an image size (with the fix), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{value!r} is not a whole number of pixels; pass a multiple of 32 such as 640"
+    if value <= 0 or value % 32:  # the model downsamples 5 times by 2: other sizes do not tile its grids
+        return (f"{value} is not a positive multiple of 32 (the model's largest stride); pass e.g. "
+                f"{min(MAX_IMG_SIZE, max(32, round(value / 32) * 32))}")
+    if value > MAX_IMG_SIZE:
+        return (f"{value} is larger than {MAX_IMG_SIZE} pixels, the largest image size qcourse runs; pass a multiple "
+                f"of 32 up to {MAX_IMG_SIZE}, such as 640")
+    return None
+
+
 def _img_size(text: str) -> int:
     value = _number(text, int, "a multiple of 32 such as 160")
-    if value <= 0 or value % 32:  # the model downsamples 5 times by 2: other sizes do not tile its grids
-        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 32 (the model's largest "
-                                         f"stride); pass e.g. {max(32, round(value / 32) * 32)}")
+    problem = _img_size_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -411,7 +439,8 @@ def _cmd_qat(args) -> int:
         print(f"{row['model']:10s} {row['map']:12.4f} {row['map50']:8.4f}")
     got = res["recovered"]
     print(f"QAT recovered {'nothing to recover' if got is None else f'{100 * got:.0f} %'} of the PTQ loss "
-          f"(best epoch {res['best_epoch']}); files in {args.out}: best.pt, last.pt, qat.onnx, results.json")
+          f"(best epoch {res['best_epoch']}); files in {args.out}: best.pt, last.pt, "
+          f"{'qat.onnx, ' if res['onnx'] else ''}results.json")
     return 0
 
 
@@ -535,7 +564,7 @@ def _cmd_bench(args) -> int:
 
     from qcourse.engines import load_engine
     from qcourse.engines.bench import benchmark, machine_line
-    from qcourse.utils import atomic_write, check_writable
+    from qcourse.utils import atomic_write, check_memory, check_writable
 
     if args.json:  # both files are refused before any engine runs if a user's file has their name
         if args.json.suffix.lower() == ".png":
@@ -550,6 +579,9 @@ def _cmd_bench(args) -> int:
     if None in shape:
         raise ValueError(f"{args.engine[0]} has a free input size {shape}; bench needs engines built for one "
                          "image size (export with a fixed size)")
+    check_memory(max(args.batch) * math.prod(shape) * 4,  # float32 images: refused before any is allocated
+                 f"a batch of {max(args.batch)} image(s) of the input shape {tuple(shape)} of {args.engine[0]} "
+                 "(float32)", "pass a smaller --batch, or build the engine for a smaller image size")
     results = benchmark(engines, args.batch, args.iterations, warmup=args.warmup, shape=shape)
     maps = {}
     if not args.no_map:  # the detections of each engine, scored like any model

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qcourse.utils import check_memory
+
 from .datasets.coco import CocoDetection, create_dataloader
 from .intervals import match_table, no_detections_table
 from .postprocess import non_max_suppression, scale_boxes
@@ -79,7 +81,30 @@ def _check_args(model, loader, conf_thres, iou_thres, max_batches):
             raise ValueError(f"{name} must be in [0, 1], got {v}")
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    _check_batch_memory(dataset, loader)
     return dataset, loader
+
+
+def _check_batch_memory(dataset: CocoDetection, loader) -> None:
+    """Refuse a batch whose images alone would take too much of the memory, before one is loaded."""
+    n = min(getattr(loader, "batch_size", None) or 1, len(getattr(loader, "dataset", dataset)))
+    s = dataset.img_size
+    check_memory(n * 3 * s * s * 4, f"a batch of {n} image{'s' if n != 1 else ''} of {s}x{s} pixels (float32)",
+                 "evaluate smaller batches or a smaller image size (qcourse eval --batch-size, --img-size)")
+
+
+def _no_images(dataset: CocoDetection, loader) -> ValueError:
+    """The error for an evaluation that would see no image (its mAP would be a meaningless 0)."""
+    n = len(getattr(loader, "dataset", dataset))
+    if not len(dataset):
+        why = f"{dataset.ann_file} lists no images"
+    elif not n:
+        why = "the loader's subset of it is empty"
+    else:
+        why = f"the loader yields no batch of its {n} images (fewer than one batch, with drop_last)"
+    return ValueError(f"no images to evaluate in {dataset.img_dir}: {why}; pass a dataset whose annotation file "
+                      "lists the images in its image folder (qcourse eval --coco DIR: DIR/val2017/ and "
+                      "DIR/annotations/instances_val2017.json)")
 
 
 @contextlib.contextmanager
@@ -250,6 +275,8 @@ def evaluate(model: Union[torch.nn.Module, Callable], loader, conf_thres: float 
     dataset, loader = _check_args(model, loader, conf_thres, iou_thres, max_batches)
     device = torch.device(device)
     n_batches = len(loader) if max_batches is None else min(len(loader), int(max_batches))
+    if n_batches == 0:
+        raise _no_images(dataset, loader)
     nms = {"conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det}
     with _eval_mode(model, device), torch.inference_mode():
         rows, image_ids, t_model, t_nms = _predict(model, loader, dataset, n_batches, device, nms, progress)

@@ -509,3 +509,39 @@ def test_config_wider_than_the_architecture_is_refused(tmp_path, tiny3):
         torch.save(_qcourse_dict(bad, state_dict=tiny3.state_dict()), path)
         with pytest.raises(CheckpointError, match=expected):
             load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------- untrusted input (issue 20)
+
+
+@pytest.mark.parametrize("size", [512, 10 << 20])
+def test_a_file_of_zeros_is_not_a_checkpoint_not_a_tar_archive(tmp_path, size):
+    # Python's tarfile reads a block of zeros as the end of an empty archive
+    path = tmp_path / "zeros.pt"
+    path.write_bytes(bytes(size))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "tar archive" not in msg
+    assert f"{path} is not a readable PyTorch checkpoint" in msg and "neither a zip header" in msg
+
+
+def test_a_file_larger_than_any_checkpoint_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "zeros.pt"
+    with open(path, "wb") as f:
+        f.truncate(10 << 30)  # sparse: 10 GiB of zeros that take no disk
+    real_open, opened = builtins.open, []
+
+    def spy(file, *args, **kwargs):
+        opened.append(os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert str(path) in msg and "10.0 GiB" in msg and "yolov7.pt" in msg
+    assert f"{M.checkpoint.MAX_FILE_BYTES / (1 << 30):.1f} GiB" in msg
+    assert os.path.realpath(path) not in opened

@@ -6,6 +6,7 @@ dataset generated undisturbed, the exit of real subprocesses (Ctrl-C is a SIGINT
 whole process group, as a terminal sends it), and hand-written COCO json files.
 """
 import hashlib
+import io
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from PIL import Image
 from qcourse.yolo.datasets import (
     CocoDetection,
     CocoFormatError,
+    CocoImageError,
     ensure_default_dataset,
     make_synthetic_coco,
     verify_synthetic_coco,
@@ -440,3 +442,128 @@ def test_missing_paths_name_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         CocoDetection(root, "val2017", img_size=64, ann_file=tmp_path / "labels.json")
     assert f"ann_file={str(tmp_path / 'labels.json')!r}" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- 20: untrusted input
+@pytest.fixture()
+def opened(monkeypatch):
+    """The paths opened (builtins.open / io.open) while the test runs."""
+    import builtins
+
+    paths, real_open = [], builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            paths.append(os.path.realpath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    return paths
+
+
+def test_deeply_nested_annotations_are_one_error_not_a_recursion_error(tmp_path):
+    _mini_coco(tmp_path)
+    path = _save(tmp_path, {})
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CocoFormatError) as e:
+        CocoDetection(tmp_path, "val2017", img_size=64)
+    assert str(path) in str(e.value) and "deeper" in str(e.value)
+
+
+def test_a_huge_annotation_file_is_refused_before_it_is_read(tmp_path, opened):
+    _mini_coco(tmp_path)
+    path = _save(tmp_path, {})
+    with open(path, "wb") as f:
+        f.truncate(10 << 30)  # sparse: 10 GiB that take no disk
+    opened.clear()
+    with pytest.raises(CocoFormatError) as e:
+        CocoDetection(tmp_path, "val2017", img_size=64)
+    msg = str(e.value)
+    assert str(path) in msg and "10.0 GiB" in msg and "1.0 GiB" in msg and "instances_train2017.json" in msg
+    assert os.path.realpath(path) not in opened
+
+
+@pytest.mark.parametrize("file_name", ["ABSOLUTE", "../outside.jpg", "sub/../../outside.jpg", ""])
+def test_a_file_name_outside_the_image_folder_is_refused(tmp_path, file_name, opened):
+    data = _mini_coco(tmp_path)
+    outside = tmp_path / "outside.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+    (tmp_path / "val2017" / "sub").mkdir()
+    name = str(outside) if file_name == "ABSOLUTE" else file_name
+    data["images"][1]["file_name"] = name
+    path = _save(tmp_path, data)
+    opened.clear()
+    with pytest.raises(CocoFormatError) as e:
+        ds = CocoDetection(tmp_path, "val2017", img_size=64, cache=False)
+        ds[1]  # before the check: the image outside the folder was read
+    msg = str(e.value)
+    assert str(path) in msg and "image id 140" in msg and repr(name) in msg and "relative" in msg
+    assert os.path.realpath(outside) not in opened
+
+
+def test_a_link_out_of_the_image_folder_is_refused(tmp_path, opened):
+    _save(tmp_path, _mini_coco(tmp_path))
+    outside = tmp_path / "secret.jpg"
+    Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(outside)
+    link = tmp_path / "val2017" / "000000000140.jpg"
+    link.unlink()
+    link.symlink_to(outside)
+    opened.clear()
+    ds = CocoDetection(tmp_path, "val2017", img_size=64, cache=False)
+    assert ds[0][0].shape == (3, 64, 64)  # the other image loads
+    with pytest.raises(CocoImageError) as e:
+        ds[1]
+    msg = str(e.value)
+    assert str(link) in msg and str(outside) in msg and "image id 140" in msg and "copy" in msg
+    assert os.path.realpath(outside) not in opened
+
+
+def _huge_png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares ``width x height`` pixels (its data is a 1x1 image's)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    path.write_bytes(bytes(png))
+
+
+def _broken_image(kind: str, path: Path) -> None:
+    if kind == "not an image":
+        path.write_bytes(b"GIF89a? no, just text pretending to be an image")
+    elif kind == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)).save(path, "JPEG")
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        _huge_png_header(path, 30000, 30000)
+
+
+@pytest.mark.parametrize("kind", ["not an image", "truncated", "30000x30000"])
+def test_an_unreadable_image_is_one_error_naming_it(tmp_path, kind):
+    _save(tmp_path, _mini_coco(tmp_path))
+    bad = tmp_path / "val2017" / "000000000140.jpg"
+    _broken_image(kind, bad)
+    ds = CocoDetection(tmp_path, "val2017", img_size=64, cache=False)
+    with pytest.raises(CocoImageError) as e:
+        ds[1]
+    assert isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert str(bad) in msg and "image id 140" in msg and str(ds.ann_file) in msg
+    if kind == "30000x30000":
+        assert "900000000 pixels" in msg and "MAX_IMAGE_PIXELS" in msg
+    with pytest.raises(CocoImageError):  # the cache fills through the same check
+        CocoDetection(tmp_path, "val2017", img_size=64, cache=True)
+
+
+def test_an_image_past_pillows_warning_limit_is_refused_too(tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice that, Pillow only warns and decodes anyway."""
+    _save(tmp_path, _mini_coco(tmp_path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the 64x48 image: 3072 pixels, under 2x
+    ds = CocoDetection(tmp_path, "val2017", img_size=64, cache=False)
+    with pytest.raises(CocoImageError) as e:
+        ds[0]
+    assert "3072 pixels" in str(e.value) and "000000000139.jpg" in str(e.value)

@@ -331,3 +331,43 @@ def test_no_detections_and_bad_models(squares):
         evaluate(lambda x: x, [1, 2, 3], progress=False)
     with pytest.raises(ValueError, match="max_batches"):
         evaluate(lambda x: x, loader, max_batches=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- untrusted input (issue 20)
+def _never_called(x):
+    raise AssertionError("the model ran although there was nothing (or too much) to evaluate")
+
+
+def test_an_annotation_file_without_images_is_an_error_not_a_map_of_zero(squares):
+    ann = squares / "annotations" / "instances_val.json"
+    data = json.loads(ann.read_text())
+    data["images"], data["annotations"] = [], []
+    ann.write_text(json.dumps(data))
+    loader = create_dataloader(squares, "val", img_size=64, batch_size=2)
+    with pytest.raises(ValueError) as e:
+        evaluate(_never_called, loader, progress=False)
+    msg = str(e.value)
+    assert "no images" in msg and str(squares / "images" / "val") in msg and str(ann) in msg
+    assert "annotation file" in msg and "instances_val2017.json" in msg  # the fix
+
+
+def test_a_loader_that_yields_no_batch_is_an_error(squares):
+    loader = create_dataloader(squares, "val", img_size=64, batch_size=4, drop_last=True)  # 3 images
+    with pytest.raises(ValueError, match="no images to evaluate .* no batch of its 3 images"):
+        evaluate(_never_called, loader, progress=False)
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_it_is_loaded(squares, monkeypatch):
+    import qcourse.utils
+
+    monkeypatch.setattr(qcourse.utils, "available_memory", lambda: 4 << 20)  # 4 MiB: 1 MiB for a batch
+    loader = create_dataloader(squares, "val", img_size=640, batch_size=1000, cache=False)  # 3 images of 4.7 MiB
+    monkeypatch.setattr(loader.dataset, "load_image", lambda i: pytest.fail("an image was loaded"))
+    with pytest.raises(ValueError) as e:
+        evaluate(_never_called, loader, progress=False)
+    msg = str(e.value)
+    assert "a batch of 3 images of 640x640 pixels" in msg and "14.1 MiB" in msg and "4.0 MiB" in msg
+    assert "--batch-size" in msg and "--img-size" in msg
+    loader = create_dataloader(squares, "val", img_size=64, batch_size=1)  # 48 KiB: evaluated
+    monkeypatch.undo()
+    assert evaluate(GroundTruthModel(loader, shift=0.0), loader, progress=False)["map"] == 1.0

@@ -2,7 +2,8 @@
 
 * :mod:`qcourse.yolo.datasets.coco` — :class:`CocoDetection` (letterbox, targets, caching,
   augmentation; the annotation file is checked on load and a broken one raises
-  :class:`CocoFormatError`), :func:`create_dataloader`, :func:`collate_fn` and the 80-class
+  :class:`CocoFormatError`; an image that cannot be read, or lies outside the image folder,
+  :class:`CocoImageError`), :func:`create_dataloader`, :func:`collate_fn` and the 80-class
   COCO id mapping (:data:`COCO80_TO_91`, :func:`coco91_to_80`).
 * :mod:`qcourse.yolo.datasets.synthetic` — :func:`make_synthetic_coco` writes a deterministic
   shapes dataset in COCO layout; :func:`ensure_default_dataset` creates (once) the
@@ -19,6 +20,7 @@ from .coco import (
     COCO91_TO_80,
     CocoDetection,
     CocoFormatError,
+    CocoImageError,
     EpochSampler,
     LetterboxInfo,
     coco80_to_91,
@@ -43,6 +45,7 @@ __all__ = [
     "COCO91_TO_80",
     "CocoDetection",
     "CocoFormatError",
+    "CocoImageError",
     "EpochSampler",
     "LetterboxInfo",
     "coco80_to_91",

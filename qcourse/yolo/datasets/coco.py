@@ -18,15 +18,21 @@ Class indices: a model predicts contiguous indices ``0 .. nc-1``; the dataset ma
 the json's ``category_id`` by sorting the json's categories by id
 (:attr:`CocoDetection.cat_ids`). For real COCO this gives exactly the standard 80-class
 mapping :data:`COCO80_TO_91` (COCO's ids run from 1 to 90 with ten gaps).
+
+The files are untrusted input: the annotation file is read only up to
+:data:`MAX_ANNOTATION_BYTES` and checked (:class:`CocoFormatError`); an image is read only from
+inside the image folder (a ``file_name`` that is absolute or climbs out with ``..`` is refused,
+and so is a link leading out), and one that cannot be decoded, or holds more pixels than
+``PIL.Image.MAX_IMAGE_PIXELS``, raises :class:`CocoImageError` naming the file.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -35,6 +41,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+
+from qcourse.utils import InputFileError, load_json
 
 __all__ = [
     "COCO80_TO_91",
@@ -46,6 +54,7 @@ __all__ = [
     "letterbox",
     "CocoDetection",
     "CocoFormatError",
+    "CocoImageError",
     "EpochSampler",
     "collate_fn",
     "create_dataloader",
@@ -171,6 +180,12 @@ class CocoFormatError(ValueError):
     file, the entry (annotation or image id) and the field, and says how to fix it."""
 
 
+class CocoImageError(ValueError):
+    """An image of the dataset that is not read: not an image, truncated, larger than Pillow
+    decodes, or (through a link) outside the image folder. The message names the file, its
+    image id and annotation file, and the fix."""
+
+
 def _fail(ann_file: Path, where: str, entry: dict, field: str, problem: str, fix: str):
     got = "is missing" if field not in entry else f"{problem}, got {entry[field]!r}"
     raise CocoFormatError(f"{ann_file}: {where}: {field!r} {got}; {fix}")
@@ -192,17 +207,18 @@ def _is_number(v) -> bool:
     return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
+#: the largest annotation file read: COCO's largest, instances_train2017.json, is 448 MiB
+MAX_ANNOTATION_BYTES = 1 << 30
+
+
 def _load_json(ann_file: Path) -> dict:
-    try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CocoFormatError(
-            f"{ann_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the "
-            "file may be truncated or not an annotation file: download or extract it again") from None
-    except UnicodeDecodeError as e:
-        raise CocoFormatError(f"{ann_file} is not a text (JSON) file ({e}); pass a COCO "
-                              "instances_*.json annotation file") from None
+    try:  # bounded: a 10 GB file or JSON nested 100000 deep is one error, not a MemoryError or a RecursionError
+        data = load_json(ann_file, MAX_ANNOTATION_BYTES,
+                         "a COCO annotation file (instances_train2017.json, the largest, is 448 MiB)",
+                         "pass a COCO instances_*.json annotation file (download or extract it again if it "
+                         "is damaged)")
+    except InputFileError as e:
+        raise CocoFormatError(str(e)) from None
     if not isinstance(data, dict):
         raise CocoFormatError(
             f"{ann_file}: the top level must be a JSON object with 'images', 'annotations' and "
@@ -411,7 +427,8 @@ class CocoDetection(Dataset):
         self.nc = len(self.cat_ids)
 
         self.image_ids: List[int] = sorted(int(i) for i in self.coco.getImgIds())
-        self._files = [self.img_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids]
+        self._img_dir_real = Path(os.path.realpath(self.img_dir))  # links resolved: see _inside
+        self._files = [self._image_path(i) for i in self.image_ids]
         missing = [str(p) for p in self._files if not p.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -445,6 +462,28 @@ class CocoDetection(Dataset):
         return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
     # ------------------------------------------------------------------ paths
+    def _image_path(self, image_id: int) -> Path:
+        """The image's path: its ``file_name`` under the image folder, never outside it (checked by
+        name here, for every image at once; links are followed when it is read, in :meth:`_inside`)."""
+        name = self.coco.imgs[image_id]["file_name"]
+        if not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise CocoFormatError(
+                f"{self.ann_file}: image id {image_id}: 'file_name' {name!r} is not a path inside the image "
+                f"folder {self.img_dir}; give the image's file name relative to that folder (no leading / "
+                "and no '..')")
+        return self.img_dir / name
+
+    def _inside(self, index: int) -> Path:
+        """Image ``index``'s path, after checking that it resolves (links followed) into the image folder."""
+        path = self._files[index]
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self._img_dir_real):
+            raise CocoImageError(
+                f"{path} (image id {self.image_ids[index]} of {self.ann_file}) leads through a link to {real}, "
+                f"outside the image folder {self.img_dir}, which qcourse does not read; copy the image into the "
+                "folder instead of linking to it")
+        return path
+
     def _resolve_paths(self, ann_file, img_dir) -> Tuple[Path, Path]:
         root, split = self.root, self.split
         layouts = (f"{root}/images/{split}/ + {root}/annotations/instances_{split}.json, or "
@@ -490,9 +529,30 @@ class CocoDetection(Dataset):
         self.epoch = int(epoch)
 
     def load_image(self, index: int) -> np.ndarray:
-        """The original image ``index`` as an ``(H, W, 3)`` uint8 RGB array."""
-        with Image.open(self._files[index]) as im:
-            return np.asarray(im.convert("RGB"))
+        """The original image ``index`` as an ``(H, W, 3)`` uint8 RGB array.
+
+        An image that is not read raises :class:`CocoImageError` naming the file: one outside the
+        image folder (through a link), one Pillow cannot decode (not an image, truncated), and one
+        with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's guard against decompression
+        bombs, which alone would only warn below twice that limit).
+        """
+        path = self._inside(index)
+        where = f"image id {self.image_ids[index]} of {self.ann_file}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    return np.asarray(im.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise CocoImageError(
+                f"{path} ({where}) is larger than Pillow decodes ({str(e).rstrip('.')}; the limit is "
+                f"PIL.Image.MAX_IMAGE_PIXELS); resize the image, or remove it from {self.ann_file.name}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            if isinstance(e, OSError) and e.errno is not None:  # from the OS (unreadable file): as is
+                raise
+            raise CocoImageError(
+                f"{path} ({where}) cannot be read as an image ({type(e).__name__}: {e}); the file may be "
+                f"truncated or not an image: replace it, or remove it from {self.ann_file.name}") from None
 
     def labels_xyxy(self, index: int) -> np.ndarray:
         """``(n, 5)`` float64 rows ``class, x1, y1, x2, y2`` in original-image pixels."""

@@ -71,6 +71,8 @@ count is therefore checked against what a YOLOv7 checkpoint can hold, with wide 
 (yolov7.pt: 75 MB, 566 tensors, 415 modules; a training checkpoint with ``ema`` and the
 optimizer: about 1400 tensors, 300 MB):
 
+* the file: at most :data:`MAX_FILE_BYTES` (the tensor bound below, and room for the pickles and
+  the container), checked before it is opened;
 * pickle: at most :data:`MAX_PICKLE_BYTES` per pickle (yolov7.pt: 0.3 MB), checked before
   each read (a pickle may declare a 2**40-byte string, and ``file.read(n)`` allocates n);
 * tensors: at most :data:`MAX_TENSORS` storages and tensors, :data:`MAX_TENSOR_BYTES` of
@@ -111,7 +113,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcourse.utils import atomic_write
+from qcourse.utils import InputFileError, atomic_write, check_file_size
 
 from . import common, yolo
 from .configs import ARCHITECTURES, get_config
@@ -143,6 +145,7 @@ MAX_CONFIG_DEPTH = 8  # 4 (cfg -> 'head' -> layer -> args)
 MAX_CLASSES = 4096  # COCO 80, Objects365 365, LVIS 1203
 MAX_INPUT_CHANNELS = 16  # 3
 MAX_ARRAY_ITEMS = 1 << 20  # numpy arrays: best_fitness holds 1 number
+MAX_FILE_BYTES = MAX_TENSOR_BYTES + (256 << 20)  # the tensors, and room for the pickles and the zip
 
 
 class CheckpointError(ValueError):
@@ -599,8 +602,9 @@ def _check_container(f, path: Path) -> None:
 
 def _is_tar(f) -> bool:
     try:
-        with tarfile.open(fileobj=f, mode="r:"):  # what torch's legacy loader tries first
-            return True
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # what torch's legacy loader tries first
+            # zeros read as the end of an empty archive: a file of zeros is no archive (torch's has files)
+            return tar.firstmember is not None
     except tarfile.TarError:
         return False
     finally:
@@ -672,7 +676,11 @@ def read_checkpoint(path) -> object:
         )
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file; give the path to a .pt checkpoint")
-    size = path.stat().st_size
+    try:  # before the file is opened: a 10 GB file is refused without reading it
+        size = check_file_size(path, MAX_FILE_BYTES, "a YOLOv7 checkpoint (yolov7.pt: 72 MiB; a training one "
+                               "with ema and the optimizer: about 300 MiB)", "pass a .pt checkpoint such as yolov7.pt")
+    except InputFileError as e:
+        raise CheckpointError(str(e)) from None
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); the download or save did not finish")
     with open(path, "rb") as f:  # torch gets this open file: what was checked is what it reads
