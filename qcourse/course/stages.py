@@ -339,7 +339,8 @@ def engines(ctx: StageContext) -> dict:
                 calib = calibration_batches(img_size=size, batches=c.calib_batches, root=root, split=train)
             calibration = calib
         built[label] = build_engine(exported / source, ctx.folder / file, backend=backend, precision=precision,
-                                    threads=threads, calibration=calibration)
+                                    threads=threads, calibration=calibration,
+                                    device=c.device if backend == "tensorrt" else None)
         described[label] = {"file": file, "source": source, "backend": backend, "precision": precision,
                             **{k: v for k, v in getattr(built[label], "info", {}).items() if k != "source"}}
         ctx.log(f"built {built[label].describe()}")

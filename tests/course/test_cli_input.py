@@ -193,3 +193,21 @@ def test_bench_refuses_an_engine_input_larger_than_the_memory(tmp_path, monkeypa
     line = one_line(err)
     assert code == 2 and str(engine) in line and "(3, 16384, 16384)" in line and "3.0 GiB" in line
     assert "8.0 GiB" in line and "--batch" in line
+
+
+def test_engine_device_is_checked_against_the_backend():
+    import argparse
+
+    import torch
+
+    from qcourse.course.cli import _engine_device
+
+    ort = argparse.Namespace(backend="onnxruntime", device=torch.device("cpu"))
+    assert _engine_device(ort) is None
+    assert _engine_device(argparse.Namespace(backend="onnxruntime", device=None)) is None
+    assert _engine_device(argparse.Namespace(backend="tensorrt", device=None)) == "cuda"
+    with pytest.raises(ValueError, match="onnxruntime backend runs on the CPU"):
+        _engine_device(argparse.Namespace(backend="onnxruntime", device=torch.device("cuda", 1)))
+    assert _engine_device(argparse.Namespace(backend="tensorrt", device=torch.device("cuda", 1))) == "cuda:1"
+    with pytest.raises(ValueError, match="TensorRT runs on a CUDA GPU"):
+        _engine_device(argparse.Namespace(backend="tensorrt", device=torch.device("cpu")))
