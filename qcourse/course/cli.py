@@ -520,13 +520,26 @@ def _cmd_build(args) -> int:
         calibration = _build_calibration(onnx_path, args)
     t0 = time.perf_counter()
     engine = build_engine(onnx_path, out, backend=args.backend, precision=args.precision, batch=args.batch,
-                          calibration=calibration, calib_method=args.output_calib)
+                          calibration=calibration, calib_method=args.output_calib, device=_engine_device(args))
     extra = getattr(engine, "info", {})
     done = f"; {extra['convs']} Convs run integer kernels, {extra['float_convs']} float" if "convs" in extra else ""
     if extra.get("calibrated_convs"):
         done += f" ({extra['calibrated_convs']} with outputs calibrated by {extra['calib_method']})"
     print(f"built {engine.describe()} from {onnx_path} in {time.perf_counter() - t0:.1f} s{done}")
     return 0
+
+
+def _engine_device(args):
+    """The CUDA device a TensorRT engine builds on (None for ONNX Runtime, which runs on the CPU)."""
+    if args.backend != "tensorrt":
+        if args.device is not None and args.device.type != "cpu":
+            raise ValueError(f"--device {args.device}: the onnxruntime backend runs on the CPU; drop --device or "
+                             "pass --backend tensorrt")
+        return None
+    if args.device is not None and args.device.type != "cuda":
+        raise ValueError(f"--device {args.device}: TensorRT runs on a CUDA GPU; pass cuda or cuda:N, or "
+                         "--backend onnxruntime for the CPU")
+    return "cuda" if args.device is None else str(args.device)
 
 
 def _build_calibration(onnx_path: Path, args):
@@ -573,7 +586,8 @@ def _cmd_bench(args) -> int:
         check_writable(args.json, args.json.with_suffix(".png"))
     engines = {}
     for path in args.engine:
-        engine = load_engine(path, threads=args.threads)
+        engine = load_engine(path, threads=args.threads,
+                             device=None if args.device is None or path.suffix == ".onnx" else str(args.device))
         engines[f"{path.name} ({engine.backend} {engine.precision})"] = engine
     shape = next(iter(engines.values())).image_shape
     if None in shape:
@@ -622,6 +636,9 @@ def _add_build(sub):
                         "Convs (the 3 before YOLOv7's float head), so that ORT runs them in INT8 too; 'none' "
                         "leaves them float: exactly the fake-quant model, slower (default: %(default)s)")
     _add_coco(p, "its train2017 images calibrate those outputs", layout="train2017/ and annotations/")
+    p.add_argument("--device", type=_device, default=None,
+                   help="tensorrt only: the GPU to build on, cuda or cuda:N (a plan runs on the GPU model it was "
+                        "built for; default: torch's current CUDA device); onnxruntime runs on the CPU")
     p.set_defaults(fn=_cmd_build)
 
 
@@ -635,6 +652,9 @@ def _add_bench(sub):
     p.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls first (default: %(default)s)")
     p.add_argument("--threads", type=_int_at_least(1), default=2, help="ONNX Runtime threads (default: %(default)s)")
     p.add_argument("--no-map", action="store_true", help="skip the mAP of each engine on the val split")
+    p.add_argument("--device", type=_device, default=None,
+                   help="the GPU that runs TensorRT .engine files, cuda or cuda:N (default: torch's current "
+                        "CUDA device); .onnx engines run on the CPU")
     p.add_argument("--json", type=Path, default=None,
                    help="write the results here, and a PNG chart next to it (default: print the table only)")
     p.set_defaults(fn=_cmd_bench)
