@@ -247,6 +247,7 @@ def _aliases(model) -> Dict[str, str]:
 
     The TorchScript exporter records ``x.float()`` on a float tensor as a Cast and then routes
     later readers of ``x`` through it: they read the same values under another name.
+    :func:`~qcourse.export.export_onnx` removes such Casts; graphs exported before still hold them.
     """
     alias: Dict[str, str] = {}
     for node in model.graph.node:

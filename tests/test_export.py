@@ -141,7 +141,7 @@ def test_corrupt_onnx_is_reported(tmp_path):
 
 
 def test_shared_quantizer_scale_is_listed_for_every_use(tmp_path):
-    # one quantizer used twice: the exporter folds its scale once and copies it with Identity
+    # one quantizer used twice: each of its two Q/DQ pairs reads its own copy of the scale
     add = quant_nn.QuantAdd(QuantDescriptor(amax=2.54))
     a, b = torch.randn(2, 8), torch.randn(2, 8) * 3
     path = export_onnx(add, (a, b), tmp_path / "add.onnx")
@@ -160,3 +160,102 @@ def test_fp8_quantizer_exports_at_opset_19_only(tmp_path):
     path = export_onnx(m, x, tmp_path / "fp8.onnx", opset=19)
     (theirs,) = run_ort(path, x)
     np.testing.assert_array_equal(m(x).numpy(), theirs)   # ONNX Runtime's float8 Q/DQ is the oracle
+
+
+# ----------------------------------------------------------------------------- the tidy pass
+def _digits_cnn():
+    from qcourse.course.digits import DigitsCNN, load_digits
+
+    torch.manual_seed(0)
+    m = DigitsCNN().eval()
+    quant_modules.replace_modules(m)
+    data = load_digits()
+    workflow.calibrate_model(m, [data.x_calib[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    return m, (data.x_test[:1],), (data.x_test[:37],)
+
+
+def _shared_add():
+    torch.manual_seed(1)
+    add = quant_nn.QuantAdd(QuantDescriptor(amax=2.54))
+    a, b = torch.randn(2, 8), torch.randn(2, 8) * 3
+    return add, (a[:1], b[:1]), (a, b)
+
+
+def _per_channel():
+    m = One(QuantDescriptor(amax=[0.5, 1.0, 2.0, 4.0], axis=1, narrow_range=True))
+    m.q.amax = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1)
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(2)) * 3
+    return m, (x[:1],), (x,)
+
+
+@pytest.mark.parametrize("make", [_digits_cnn, _shared_add, _per_channel], ids=["digits", "shared-add", "per-channel"])
+def test_every_qdq_node_reads_its_own_constants_and_outputs_stay_bit_identical(tmp_path, make):
+    from qdq_graph import (assert_bit_identical, assert_same_quantizers, assert_tidy, qdq_structure,
+                           run_reference, untidied_export)
+
+    model, example, inputs = make()
+    raw = untidied_export(model, example, tmp_path / "raw.onnx")
+    tidy = export_onnx(model, example, tmp_path / "tidy.onnx")
+    before, after = qdq_structure(raw), qdq_structure(tidy)
+    # the exporter's own graph: each Q shares its scale and zero point with its DQ (a shared
+    # quantizer's folded scale even reaches one pair through an Identity)
+    assert before["shared"] == 2 * before["qdq"] > 0 and before["not_initializer"] > 0
+    assert_tidy(tidy)
+    assert after["qdq"] == before["qdq"] and after["identities"] == 0
+    assert_same_quantizers(raw, tidy)
+    feeds = [x.numpy() for x in inputs]
+    assert_bit_identical(run_reference(raw, *feeds), run_reference(tidy, *feeds))
+
+
+def test_shared_quantizers_identity_is_gone(tmp_path):
+    from qdq_graph import qdq_structure, untidied_export
+
+    add, example, _ = _shared_add()
+    # one quantizer on both inputs: the exporter folds its scale once and copies it (Identity) to the second pair
+    assert qdq_structure(untidied_export(add, example, tmp_path / "raw.onnx"))["identity"] == 2
+    assert qdq_structure(export_onnx(add, example, tmp_path / "tidy.onnx"))["identity"] == 0
+
+
+def test_tidy_pass_is_idempotent(tmp_path):
+    from qcourse.export import tidy_qdq_graph
+
+    model, example, _ = _digits_cnn()
+    tidy = onnx.load(str(export_onnx(model, example, tmp_path / "tidy.onnx")))
+    again = onnx.ModelProto.FromString(tidy.SerializeToString())
+    assert tidy_qdq_graph(again) == {"qdq_constants": 0, "casts": 0, "nodes_removed": 0}
+    assert again.SerializeToString() == tidy.SerializeToString()
+
+
+def _cast_graph():
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Cast", ["x"], ["a"], to=f, name="noop_of_input"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Cast", ["b"], ["y"], to=f, name="noop_to_output"),
+        helper.make_node("Cast", ["b"], ["z"], to=TensorProto.INT32, name="changes_type"),
+        helper.make_node("Cast", ["x"], ["w"], to=f, name="input_to_output"),
+        helper.make_node("Cast", ["z"], ["v"], to=TensorProto.INT32, name="noop_of_int"),
+    ]
+    graph = helper.make_graph(nodes, "casts", [helper.make_tensor_value_info("x", f, ["n", 3])],
+                              [helper.make_tensor_value_info("y", f, ["n", 3]),
+                               helper.make_tensor_value_info("v", TensorProto.INT32, ["n", 3]),
+                               helper.make_tensor_value_info("w", f, ["n", 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_noop_casts_go_and_type_changes_stay():
+    from qcourse.export import remove_noop_casts
+    from qdq_graph import assert_bit_identical, qdq_structure, run_reference
+
+    model = _cast_graph()
+    before = onnx.ModelProto.FromString(model.SerializeToString())
+    assert qdq_structure(before)["noop_casts"] == 4
+    assert remove_noop_casts(model) == 3
+    onnx.checker.check_model(model, full_check=True)
+    # the type change stays, and the copy of a graph input to a graph output (no node can write "w")
+    assert sorted(n.name for n in model.graph.node if n.op_type == "Cast") == ["changes_type", "input_to_output"]
+    assert [o.name for o in model.graph.output] == ["y", "v", "w"]
+    x = np.array([[-1.5, 0.0, 2.25]] * 2, np.float32)
+    assert_bit_identical(run_reference(before, x), run_reference(model, x))

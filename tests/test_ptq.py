@@ -219,3 +219,52 @@ def test_int8_graph_in_onnx_runtime_computes_what_pytorch_computes(tmp_path):
     with torch.no_grad():
         want = m(x).numpy()
     assert np.allclose(got, want, atol=1e-4), np.abs(got - want).max()
+
+
+def _q_groups(model):
+    """Per tensor, the ``(scale, zero point)`` of each QuantizeLinear reading it (values, not names)."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    groups = {}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        elif n.op_type == "Identity" and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+        elif n.op_type == "QuantizeLinear":
+            groups.setdefault(n.input[0], []).append(
+                (consts[n.input[1]].tobytes(), consts[n.input[2]].tobytes(), str(consts[n.input[2]].dtype)))
+    return groups
+
+
+@pytest.mark.parametrize("rules", [False, True])
+def test_checker_and_ort_rewrite_read_the_tidied_graph_as_the_exporters(tmp_path, rules):
+    # the exporter's graph routes tied scales through Identity and the tied inputs through
+    # no-op Casts; export_onnx's graph has neither: same problems, same merged ORT graph
+    import onnx
+
+    from qcourse.engines import to_ort_int8
+    from qdq_graph import assert_bit_identical, assert_tidy, qdq_structure, run_reference, untidied_export
+
+    m = _calibrated(rules, method="percentile")
+    x = _batches(1)[0]
+    raw = untidied_export(m, x, tmp_path / "raw.onnx")
+    tidy = export_onnx(m, x, tmp_path / "tidy.onnx")
+    if rules:
+        assert qdq_structure(raw)["identity"] > 0 and qdq_structure(raw)["noop_casts"] > 0
+    assert_tidy(tidy)
+    assert qdq_structure(tidy)["casts"] == 0
+    assert ptq.check_qdq_placement(tidy) == ptq.check_qdq_placement(raw)
+    assert len(ptq.check_qdq_placement(tidy)) == (0 if rules else 2)
+    xs = _batches(1, size=16)[0].numpy()
+    assert_bit_identical(run_reference(raw, xs), run_reference(tidy, xs))
+    from_raw, info_raw = to_ort_int8(onnx.load(str(raw)), weight_dtype="uint8")
+    from_tidy, info_tidy = to_ort_int8(onnx.load(str(tidy)), weight_dtype="uint8")
+    assert info_tidy == info_raw
+    groups = _q_groups(from_tidy)
+    assert all(len(set(qs)) == len(qs) for qs in groups.values())   # no two Qs of one tensor at one scale left
+    assert sorted(map(len, groups.values())) == sorted(map(len, _q_groups(from_raw).values()))
+    if rules:   # c2 and c7 read a, c3 and c4 the Concat, each pair at one scale: one Q each
+        assert max(map(len, groups.values())) == 1
+    assert_bit_identical(run_reference(from_raw, xs), run_reference(from_tidy, xs))

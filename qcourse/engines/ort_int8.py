@@ -8,7 +8,8 @@ runs DequantizeLinear + a float Conv, slower than the FP32 model (0.62x on the d
 
 :func:`to_ort_int8` rewrites the graph in steps; each step says whether it is exact:
 
-1. ``_drop_float_casts``: Cast float -> float nodes the exporter leaves. Exact.
+1. ``_drop_float_casts``: Casts to the type a tensor already has (graphs exported before
+   export_onnx removed them). Exact.
 2. ``_fold_weights``: ``Q(W) -> DQ`` becomes ``DQ(codes)`` (the codes ORT would compute),
    stored as uint8 with zero point 128 by default (same values; see ``_weights_to_uint8``). Exact.
 3. ``_to_uint8``: activation Q/DQ int8/zero point 0 -> uint8/zero point 128: the same
@@ -56,6 +57,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from qcourse.engines.base import EngineError, as_batch
+from qcourse.export import remove_noop_casts
 
 __all__ = ["to_ort_int8", "strip_qdq", "qdq_summary", "cpu_has_vnni", "calibration_targets", "calibrate_outputs"]
 
@@ -143,20 +145,11 @@ def _name_nodes(graph: _Graph) -> None:
 
 
 def _drop_float_casts(graph: _Graph) -> None:
-    """Remove Cast-to-float of tensors that are already float (the exporter's ``.float()``). Exact."""
-    import onnx
+    """Remove Casts to the type the tensor already has (the exporter's ``.float()``). Exact.
 
-    inferred = onnx.shape_inference.infer_shapes(graph.model)
-    elem = {v.name: v.type.tensor_type.elem_type for v in
-            list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    drop = set()
-    for n in graph.g.node:
-        to = next((a.i for a in n.attribute if a.name == "to"), None)
-        if (n.op_type == "Cast" and to == onnx.TensorProto.FLOAT and elem.get(n.input[0]) == to
-                and n.output[0] not in graph.outputs):
-            _rename_input(graph, n.output[0], n.input[0])
-            drop.add(n.name)
-    _rebuild(graph, {}, drop)
+    export_onnx already removes them; a graph exported before may still hold some."""
+    remove_noop_casts(graph.model)
+    graph.refresh()
 
 
 def _fold_weights(graph: _Graph, weight_dtype: str) -> None:

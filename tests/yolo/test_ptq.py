@@ -136,6 +136,35 @@ def test_int8_onnx_in_onnx_runtime_agrees_with_pytorch(calibrated, data, tmp_pat
     assert r["matched"] >= 0.95 and r["ort_only"] <= 0.05 * r["detections"]
 
 
+def test_int8_onnx_gives_every_qdq_its_own_constants_and_keeps_every_output_bit(calibrated, data, tmp_path):
+    import onnx
+
+    from qcourse.engines import to_ort_int8
+    from qdq_graph import (assert_bit_identical, assert_same_quantizers, assert_tidy, qdq_structure,
+                           run_reference, untidied_export)
+
+    qm, example = calibrated[True], torch.zeros(1, 3, 160, 160)
+    raw = untidied_export(qm, example, tmp_path / "raw.onnx")
+    tidy = export_onnx(qm, example, tmp_path / "int8.onnx")
+    before, after = qdq_structure(raw), qdq_structure(tidy)
+    # the exporter's graph: every pair shares its constants, tied scales reach Qs through
+    # Identity nodes, the tied inputs go through Casts to float of float tensors
+    assert before["qdq"] == 220 and before["shared"] == 440
+    assert before["identity"] > 0 and before["noop_casts"] > 0
+    assert_tidy(tidy)
+    assert after["qdq"] == 220 and after["identities"] == 0
+    assert after["casts"] == before["casts"] - before["noop_casts"] > 0   # the head's int64 -> float grid stays
+    assert_same_quantizers(raw, tidy)
+    assert ptq.check_qdq_placement(tidy) == ptq.check_qdq_placement(raw) == []
+    x = next(iter(data[1]))[0].numpy()
+    assert_bit_identical(run_reference(raw, x), run_reference(tidy, x))
+    # the ORT INT8 rewrite merges the tied Qs by value: the same graph from both
+    (a, info_a), (b, info_b) = (to_ort_int8(onnx.load(str(p)), weight_dtype="uint8") for p in (raw, tidy))
+    assert info_a == info_b and info_b["convs"] > 0
+    assert sum(n.op_type == "QuantizeLinear" for n in a.graph.node) == sum(n.op_type == "QuantizeLinear" for n in b.graph.node)
+    assert_bit_identical(run_reference(a, x), run_reference(b, x))
+
+
 # ----------------------------------------------------------------------------- the command
 def test_cli_runs_end_to_end_on_a_small_slice(tmp_path, capsys):
     out = tmp_path / "ptq"
