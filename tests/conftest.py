@@ -18,3 +18,23 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def opened(monkeypatch):
+    """The paths opened (builtins.open / io.open) while the test runs: a file refused for its size
+    must not be among them."""
+    import builtins
+    import io
+    import os
+
+    paths, real_open = [], builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            paths.append(os.path.realpath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    return paths

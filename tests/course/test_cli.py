@@ -26,24 +26,7 @@ import qcourse
 from qcourse.course import cli, run as course
 from qcourse.utils import OWNED_LIST, atomic_write, is_owned
 
-
-def run_cli(argv, capsys):
-    """``(exit status, stdout, stderr)`` of ``qcourse ARGV`` run in-process."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    except KeyboardInterrupt:  # would end the whole pytest session
-        pytest.fail("KeyboardInterrupt escaped qcourse.course.cli.main")
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    return lines[0]
+from cli_helpers import one_line, run_cli
 
 
 @pytest.fixture

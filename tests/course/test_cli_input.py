@@ -24,23 +24,8 @@ from qcourse.course import cli
 from qcourse.yolo import datasets, models
 from qcourse.yolo import evaluate as yolo_evaluate
 
+from cli_helpers import error_line as one_line, run_cli
 
-
-def run_cli(argv, capsys):
-    """``(exit status, stdout, stderr)`` of ``qcourse ARGV`` run in-process."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qcourse: error: "), err
-    return lines[0]
 
 
 def refuse(*a, **k):
@@ -54,7 +39,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(datasets, "ensure_default_dataset", refuse)
 
 
-@pytest.fixture()
+
 def opened(monkeypatch):
     """The paths opened (builtins.open / io.open) while the test runs."""
     paths, real_open = [], builtins.open

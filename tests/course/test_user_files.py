@@ -21,18 +21,7 @@ from qcourse.course import cli, run as course
 from qcourse.export import export_onnx
 from qcourse.utils import OWNED_LIST, atomic_write, is_owned, remove_owned_tree
 
-
-def run_cli(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qcourse: error: "), err
-    return lines[0]
+from cli_helpers import error_line as one_line, run_cli
 
 
 def user_file(path: Path, text: str = "the user's own file") -> Path:

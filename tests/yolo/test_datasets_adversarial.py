@@ -445,22 +445,6 @@ def test_missing_paths_name_what_is_expected(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 20: untrusted input
-@pytest.fixture()
-def opened(monkeypatch):
-    """The paths opened (builtins.open / io.open) while the test runs."""
-    import builtins
-
-    paths, real_open = [], builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            paths.append(os.path.realpath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
-    monkeypatch.setattr(io, "open", spy)
-    return paths
-
 
 def test_deeply_nested_annotations_are_one_error_not_a_recursion_error(tmp_path):
     _mini_coco(tmp_path)
