@@ -7,8 +7,6 @@ Oracles: the exit status and the line; a spy on ``open`` (a file refused for its
 opened); stubs that fail the test if the slow work starts (a value refused too late fails, it does
 not allocate). Large files are sparse: 10 GiB that take no disk.
 """
-import builtins
-import io
 import json
 import os
 
@@ -37,21 +35,6 @@ def no_work(monkeypatch):
     """Loading a model or a dataset fails the test: a value must be refused before."""
     monkeypatch.setattr(models, "load_checkpoint", refuse)
     monkeypatch.setattr(datasets, "ensure_default_dataset", refuse)
-
-
-
-def opened(monkeypatch):
-    """The paths opened (builtins.open / io.open) while the test runs."""
-    paths, real_open = [], builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            paths.append(os.path.realpath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
-    monkeypatch.setattr(io, "open", spy)
-    return paths
 
 
 def sparse(path, size=10 << 30):

@@ -445,7 +445,6 @@ def test_missing_paths_name_what_is_expected(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 20: untrusted input
-
 def test_deeply_nested_annotations_are_one_error_not_a_recursion_error(tmp_path):
     _mini_coco(tmp_path)
     path = _save(tmp_path, {})
