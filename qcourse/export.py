@@ -138,6 +138,13 @@ def _tidy_file(path) -> None:
     onnx.save(model, str(path))
 
 
+def _retain(field, keep) -> None:
+    """Keep only the items of a repeated protobuf field (nodes, initializers, ...) for which ``keep`` is true."""
+    items = [x for x in field if keep(x)]
+    del field[:]
+    field.extend(items)
+
+
 def tidy_qdq_graph(model) -> Dict[str, int]:
     """Rewrite an exported graph in place into the form TensorRT's ONNX parser documents. Exact.
 
@@ -253,16 +260,10 @@ def _drop_unread(graph, names: set, readers) -> None:
             for i in node.input:   # an Identity's source loses a reader
                 readers[i] -= 1
                 todo.append(i)
-    keep = [n for n in graph.node if id(n) not in dead_nodes]
-    del graph.node[:]
-    graph.node.extend(keep)
-    keep_inits = [i for i in graph.initializer if i.name not in dead_inits]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
     gone = {o for n in producer.values() if id(n) in dead_nodes for o in n.output} | dead_inits
-    keep_info = [v for v in graph.value_info if v.name not in gone]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_info)
+    _retain(graph.node, lambda n: id(n) not in dead_nodes)
+    _retain(graph.initializer, lambda i: i.name not in dead_inits)
+    _retain(graph.value_info, lambda v: v.name not in gone)
 
 
 def remove_noop_casts(model) -> int:
@@ -314,12 +315,8 @@ def remove_noop_casts(model) -> int:
         gone.add(old)
     if removed:
         ids = {id(c) for c in removed}
-        keep = [n for n in g.node if id(n) not in ids]
-        del g.node[:]
-        g.node.extend(keep)
-        keep_info = [v for v in g.value_info if v.name not in gone]
-        del g.value_info[:]
-        g.value_info.extend(keep_info)
+        _retain(g.node, lambda n: id(n) not in ids)
+        _retain(g.value_info, lambda v: v.name not in gone)
     return len(removed)
 
 
