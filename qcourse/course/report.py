@@ -11,6 +11,11 @@ the machine, each stage's status, time and results) and writes
   and NVIDIA's published figures beside the measured ones. The HTML page inlines its CSS and
   its figures (base64 PNG), so it is one file to open or send.
 
+Each mAP the stages measured shows its 95 % bootstrap interval over the images, each
+comparison its paired interval (:mod:`qcourse.yolo.intervals`; the stages compute them from
+their match tables), and each published claim with a measured counterpart a verdict
+(:func:`claims`, also in ``results.json``): reproduced, not reproduced, or within noise.
+
 The table builders (:func:`map_table`, :func:`sensitivity_table`, :func:`engine_table`, ...)
 return ``(header, rows)`` of formatted strings; both renderings use them.
 """
@@ -28,8 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from qcourse.utils import atomic_write, check_writable
 
 __all__ = ["PUBLISHED", "write_report", "report_paths", "save_figure", "machine_info", "report_blocks", "to_markdown",
-           "to_html", "stage_table", "map_table", "sensitivity_table", "engine_table", "published_table",
-           "notebook_table"]
+           "to_html", "stage_table", "map_table", "sensitivity_table", "engine_table", "engine_map_table",
+           "published_table", "claims", "notebook_table"]
 
 Table = Tuple[List[str], List[List[str]]]
 
@@ -37,8 +42,10 @@ Table = Tuple[List[str], List[List[str]]]
 #: they were published: YOLOv7 on COCO val2017 at 640 px, not measured by this run
 PUBLISHED = {
     "yolov7_fp32": {"value": "mAP@0.5:0.95 0.512, mAP@0.5 0.697", "source": "YOLOv7 (WongKinYiu/yolov7), yolov7.pt"},
-    "ptq_histogram_loss": {"value": "about 0.003 mAP lost", "source": "the course, histogram-calibrated PTQ"},
-    "ptq_max": {"value": "mAP 0.444", "source": "the course, max calibration"},
+    "ptq_histogram_loss": {"value": "about 0.003 mAP lost", "source": "the course, histogram-calibrated PTQ",
+                           "diff": 0.003},  # FP32 minus histogram PTQ
+    "ptq_max": {"value": "mAP 0.444 (vs histogram about 0.509: max loses about 6.5 points more)",
+                "source": "the course, max calibration", "diff": 0.065},  # histogram PTQ minus max
     "tied_groups": {"value": "20 tied groups", "source": "the course, NVIDIA's placement rules on yolov7.pt"},
     "trt": {"source": "NVIDIA-AI-IOT/yolo_deepstream yolov7_qat, Orin-X, 640 px",
             "rows": [("TensorRT FP16", 0.5124, 140),
@@ -80,6 +87,30 @@ def _f4(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
 
 
+def _map_cell(row: Optional[dict]) -> str:
+    """``0.6974 [0.6807, 0.7181]``: a mAP and its 95 % interval (the value alone where it has none)."""
+    if not row or row.get("map") is None:
+        return "-"
+    iv = row.get("interval")
+    return _f4(row["map"]) + ("" if iv is None else f" [{iv[0]:.4f}, {iv[1]:.4f}]")
+
+
+def _reading(interval: Sequence[float]) -> str:
+    """What a difference's interval says: "higher" or "lower" where it excludes 0, else "within noise"."""
+    from qcourse.yolo.intervals import verdict
+
+    return {"reproduced": "higher", "not reproduced": "lower", "within noise": "within noise"}[verdict(1.0, interval)]
+
+
+def _diff_cell(d: Optional[dict]) -> str:
+    """``-0.35 [-0.80, +0.10] within noise``: a paired difference in points of mAP, its interval and what
+    the interval says."""
+    if not d:
+        return "-"
+    lo, hi = d["interval"]
+    return f"{100 * d['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] {_reading(d['interval'])}"
+
+
 def _results(data: dict, stage: str) -> Optional[dict]:
     return (data["stages"].get(stage) or {}).get("results")
 
@@ -104,8 +135,11 @@ def map_table(data: dict) -> Table:
     fp32 = base["fp32"]["map"] if base else None
 
     def add(variant, row, stage, ref=fp32, images=None):
-        delta = "-" if ref is None else f"{100 * (row['map'] - ref):+.2f}"
-        rows.append([variant, _f4(row["map"]), _f4(row.get("map50")), delta,
+        if row.get("vs_fp32"):
+            delta = _diff_cell(row["vs_fp32"])
+        else:
+            delta = "-" if ref is None else f"{100 * (row['map'] - ref):+.2f}"
+        rows.append([variant, _map_cell(row), _f4(row.get("map50")), delta,
                      str(images if images is not None else row.get("images", "-")), stage])
 
     if base:
@@ -131,7 +165,8 @@ def map_table(data: dict) -> Table:
         for row in sens["map_vs_k"]:
             what = "INT8 (scan subset)" if row["k"] == 0 else f"INT8, top-{row['k']} layers in float"
             add(f"{what}: {row['int8_layers']} INT8 layers", row, "sensitivity", ref=ref, images=sens["images"])
-    return ["variant", "mAP@0.5:0.95", "mAP@0.5", "vs FP32 (points)", "val images", "stage"], rows
+    return ["variant", "mAP@0.5:0.95 [95% interval]", "mAP@0.5", "vs FP32 (points) [95% paired interval]",
+            "val images", "stage"], rows
 
 
 def sensitivity_table(data: dict, top: int = 10) -> Table:
@@ -158,42 +193,143 @@ def engine_table(data: dict) -> Table:
             speed = "-" if base is None else f"{t['throughput_img_s'] / base['throughput_img_s']:.2f}x"
             m = eng["map"][name]
             rows.append([name, b, f"{t['latency_ms_median']:.2f}", f"{t['latency_ms_p90']:.2f}",
-                         f"{t['latency_ms_p99']:.2f}", f"{t['throughput_img_s']:.1f}", speed, _f4(m["map"]),
+                         f"{t['latency_ms_p99']:.2f}", f"{t['throughput_img_s']:.1f}", speed, _map_cell(m),
                          str(m["images"])])
     return ["engine", "batch", "latency ms (median)", "p90", "p99", "images/s", f"vs {eng['reference']}",
-            "mAP@0.5:0.95", "val images"], rows
+            "mAP@0.5:0.95 [95% interval]", "val images"], rows
+
+
+def engine_map_table(data: dict) -> Table:
+    """Per engine: its mAP, and its paired differences to the PyTorch FP32 model and to the reference engine."""
+    eng = _results(data, "engines")
+    ref = eng["reference"]
+    rows = [[name, _map_cell(m), _diff_cell(m.get("vs_fp32_model")),
+             "(the reference)" if name == ref else _diff_cell(m.get("vs_reference"))] for name, m in eng["map"].items()]
+    return ["engine", "mAP@0.5:0.95 [95% interval]", "minus the PyTorch FP32 model (points) [95% paired interval]",
+            f"minus {ref} (points) [95% paired interval]"], rows
+
+
+def _negated(d: dict) -> dict:
+    """The paired difference the other way round: b - a from a - b (the interval mirrored)."""
+    lo, hi = d["interval"]
+    return {"diff": -d["diff"], "interval": [-hi, -lo]}
+
+
+def _qat_engine(eng: dict) -> Optional[str]:
+    return next((name for name in eng["map"] if name.endswith("int8 QAT")), None)
+
+
+def _claims(data: dict) -> Dict[str, dict]:
+    """``{published row: claim}``: each published comparison this run measured, with its paired interval and verdict.
+
+    A claim is ``{"name", "published", "measured", "interval", "verdict"}``: the published difference and
+    this run's, in the same sign convention, the measured one's paired 95 % interval, and
+    :func:`qcourse.yolo.intervals.verdict` of the two.
+    """
+    from qcourse.yolo.intervals import verdict
+
+    ptq, eng = _results(data, "ptq"), _results(data, "engines")
+    found: Dict[str, Tuple[str, float, dict]] = {}
+    mse = ((ptq or {}).get("int8") or {}).get("mse") or {}
+    if mse.get("vs_fp32"):
+        found["ptq_histogram_loss"] = (
+            "PTQ, histogram calibration loses about 0.003 mAP (measured: FP32 minus PTQ mse)",
+            PUBLISHED["ptq_histogram_loss"]["diff"], _negated(mse["vs_fp32"]))
+        (_, fp16), (_, ptq_m), _ = PUBLISHED["pytorch"]["rows"]
+        found["pytorch_ptq"] = (f"PyTorch PTQ INT8 histogram/MSE {ptq_m:.4f} vs FP16 {fp16:.4f} (measured: PTQ mse "
+                                "minus FP32)", round(ptq_m - fp16, 4), mse["vs_fp32"])
+    best = (ptq or {}).get("best_histogram_vs_max")
+    if best:
+        found["ptq_max"] = ("max calibration 0.444 vs histogram about 0.509: max loses about 6.5 points more "
+                            f"(measured: the best histogram method, {best['best']}, minus max)",
+                            PUBLISHED["ptq_max"]["diff"], best)
+    qat = _qat_engine(eng) if eng else None
+    if qat and eng["map"][qat].get("vs_reference"):
+        (_, fp16, _), _, (_, qat_m, _) = PUBLISHED["trt"]["rows"]
+        found["trt_qat"] = (f"TensorRT INT8 QAT {qat_m:.4f} vs FP16 {fp16:.4f} (measured: {qat} minus "
+                            f"{eng['reference']})", round(qat_m - fp16, 4), eng["map"][qat]["vs_reference"])
+    return {key: {"name": name, "published": published, "measured": d["diff"], "interval": list(d["interval"]),
+                  "verdict": verdict(published, d["interval"])}
+            for key, (name, published, d) in found.items()}
+
+
+def claims(data: dict) -> List[dict]:
+    """The published claims this run measured: ``[{"name", "published", "measured", "interval", "verdict"}]``
+    (``results.json``'s ``claims``; the others are in :func:`published_table`, without a verdict)."""
+    return list(_claims(data).values())
+
+
+def _measured(c: dict) -> str:
+    lo, hi = c["interval"]
+    return f"{c['measured']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _bootstrap_words(data: dict) -> str:
+    """How the intervals were made, in words (from the settings a stage recorded)."""
+    b = next((r["bootstrap"] for r in (_results(data, s) for s in ("baseline", "ptq", "engines"))
+              if r and r.get("bootstrap")), None)
+    if b is None:
+        return ""
+    return (f"In brackets: the {100 * b['level']:.0f} % bootstrap interval over the evaluated images ({b['n']} "
+            f"resamples of the images, seed {b['seed']}: the same detections scored again, the model not run "
+            "again). A difference's interval is paired: both models scored on the same resampled images. A "
+            "difference whose interval holds 0 is within noise: these images cannot tell the two apart.")
 
 
 def published_table(data: dict) -> Table:
-    """The course's and NVIDIA's published figures beside what this run measured."""
-    base, ptq, sens, eng = (_results(data, s) for s in ("baseline", "ptq", "sensitivity", "engines"))
-    fp32 = base["fp32"]["map"] if base else None
-    measured_model = "embedded default" if data["settings"]["weights"] is None else data["settings"]["weights"]
+    """The course's and NVIDIA's published figures beside what this run measured, with a verdict where it can.
 
-    def ptq_map(method):
-        return ptq["int8"][method]["map"] if ptq and method in ptq["int8"] else None
+    A verdict needs a measured counterpart with a paired interval (:func:`claims`); the other
+    rows say why they have none.
+    """
+    base, ptq, sens, eng = (_results(data, s) for s in ("baseline", "ptq", "sensitivity", "engines"))
+    measured_model = "embedded default" if data["settings"]["weights"] is None else data["settings"]["weights"]
+    found = _claims(data)
+
+    def claimed(key: str, what: str) -> List[str]:
+        """The measured and verdict cells of the published row ``key``: ``what`` was measured, paired."""
+        if key not in found:
+            return ["-", "no verdict: not measured in this run"]
+        return [f"{_measured(found[key])} ({what}, paired)", found[key]["verdict"]]
 
     rows = [["FP32 accuracy", PUBLISHED["yolov7_fp32"]["value"], PUBLISHED["yolov7_fp32"]["source"],
-             f"mAP {_f4(fp32)} ({measured_model})"]]
-    mse = ptq_map("mse")
-    loss = "-" if fp32 is None or mse is None else f"{fp32 - mse:.4f} mAP lost (FP32 minus PTQ mse)"
+             f"mAP {_map_cell(base['fp32']) if base else '-'} ({measured_model})",
+             "no verdict: a level, not a comparison"]]
     rows.append(["PTQ, histogram calibration", PUBLISHED["ptq_histogram_loss"]["value"],
-                 PUBLISHED["ptq_histogram_loss"]["source"], loss])
-    rows.append(["PTQ, max calibration", PUBLISHED["ptq_max"]["value"], PUBLISHED["ptq_max"]["source"],
-                 f"mAP {_f4(ptq_map('max'))}"])
+                 PUBLISHED["ptq_histogram_loss"]["source"], *claimed("ptq_histogram_loss", "FP32 minus PTQ mse")])
+    max_cells = claimed("ptq_max", f"{ptq['best_histogram_vs_max']['best']} minus max" if "ptq_max" in found else "")
+    if ptq and "max" in ptq["int8"]:
+        max_cells[0] = f"mAP {_map_cell(ptq['int8']['max'])}" + ("" if max_cells[0] == "-" else f"; {max_cells[0]}")
+    rows.append(["PTQ, max calibration", PUBLISHED["ptq_max"]["value"], PUBLISHED["ptq_max"]["source"], *max_cells])
     rows.append(["quantizer groups tied for TensorRT", PUBLISHED["tied_groups"]["value"],
-                 PUBLISHED["tied_groups"]["source"], f"{len(ptq['tied_groups'])} tied groups" if ptq else "-"])
+                 PUBLISHED["tied_groups"]["source"], f"{len(ptq['tied_groups'])} tied groups" if ptq else "-",
+                 "no verdict: a count"])
     if sens:
         from qcourse.yolo.sensitivity import PUBLISHED_YOLOV7_TOP10
 
         rows.append(["most sensitive layers", ", ".join(PUBLISHED_YOLOV7_TOP10[:5]) + ", ...",
-                     "the course's video (YOLOv7, COCO)", ", ".join(r["layer"] for r in sens["top"][:5]) + ", ..."])
+                     "the course's video (YOLOv7, COCO)", ", ".join(r["layer"] for r in sens["top"][:5]) + ", ...",
+                     "no verdict: another model's layers"])
     torch_rows = PUBLISHED["pytorch"]
-    for label, m in torch_rows["rows"]:
-        rows.append([label, f"mAP {m:.4f}", torch_rows["source"], "-"])
+    (fp16_label, fp16), (ptq_label, ptq_m), (qat_label, qat_m) = torch_rows["rows"]
+    rows.append([fp16_label, f"mAP {fp16:.4f}", torch_rows["source"], "not measured here (FP16 PyTorch)",
+                 "no verdict: a level, not a comparison"])
+    rows.append([ptq_label, f"mAP {ptq_m:.4f} ({ptq_m - fp16:+.4f} vs FP16)", torch_rows["source"],
+                 *claimed("pytorch_ptq", "PTQ mse minus FP32")])
+    rows.append([qat_label, f"mAP {qat_m:.4f} ({qat_m - fp16:+.4f} vs FP16)", torch_rows["source"],
+                 "not measured with an interval here (the QAT stage keeps no per-image match tables)",
+                 "no verdict: no paired interval"])
     trt = PUBLISHED["trt"]
-    for label, m, fps in trt["rows"]:
-        rows.append([label, f"mAP {m:.4f} at {fps} fps", trt["source"], "-"])
+    (fp16_name, trt_fp16, fp16_fps), (implicit_name, implicit_m, implicit_fps), (qat_name, trt_qat, qat_fps) = \
+        trt["rows"]
+    rows.append([fp16_name, f"mAP {trt_fp16:.4f} at {fp16_fps} fps", trt["source"],
+                 f"{eng['reference']}: mAP {_map_cell(eng['map'][eng['reference']])}" if eng else "-",
+                 "no verdict: a level, not a comparison"])
+    rows.append([implicit_name, f"mAP {implicit_m:.4f} at {implicit_fps} fps ({implicit_m - trt_fp16:+.4f} vs FP16)",
+                 trt["source"], "not measured here: this run's INT8 PTQ engine has explicit Q/DQ (lesson 5's "
+                 "calibration), not TensorRT's implicit calibration", "no verdict: no measured counterpart"])
+    rows.append([qat_name, f"mAP {trt_qat:.4f} at {qat_fps} fps ({trt_qat - trt_fp16:+.4f} vs FP16)",
+                 trt["source"], *claimed("trt_qat", f"{_qat_engine(eng)} minus {eng['reference']}" if eng else "")])
     speed = "-"
     if eng:
         t, ref = eng["timing"], eng["reference"]
@@ -201,10 +337,11 @@ def published_table(data: dict) -> Table:
         big = max(t[ref], key=int)
         ratio = t[int8][big]["throughput_img_s"] / t[ref][big]["throughput_img_s"]
         speed = f"{int8} {ratio:.2f}x {ref} at batch {big} (this machine)"
-    rows.append(["INT8 speed-up", f"{207 / 140:.2f}x FP16 (207 vs 140 fps)", trt["source"], speed])
+    rows.append(["INT8 speed-up", f"{qat_fps / fp16_fps:.2f}x FP16 ({qat_fps} vs {fp16_fps} fps)", trt["source"], speed,
+                 "no verdict: a speed on another machine"])
     rows.append(["Q/DQ placement and speed", PUBLISHED["placement_qat_fps"]["value"],
-                 PUBLISHED["placement_qat_fps"]["source"], "-"])
-    return ["figure", _NOT_MEASURED, "source", "measured here"], rows
+                 PUBLISHED["placement_qat_fps"]["source"], "-", "no verdict: not measured here"])
+    return ["figure", _NOT_MEASURED, "source", "measured here [95% interval]", "verdict"], rows
 
 
 def notebook_table(data: dict) -> Table:
@@ -295,7 +432,10 @@ def report_blocks(data: dict, plots: Sequence[Tuple[Path, str]] = ()) -> List[tu
         blocks += [("h2", "mAP per variant"),
                    ("p", "FP32, PTQ with each calibration method (lesson 5), QAT (lesson 7) on the same val images; "
                          "the sensitivity stage's re-quantized models (lesson 6) on its scan subset, beside FP32 "
-                         "and INT8 on that subset."),
+                         "and INT8 on that subset. " + _bootstrap_words(data) + " Each PTQ method is paired with "
+                         "the PTQ stage's own FP32 evaluation (the same model on the same images as the baseline). "
+                         "The QAT and sensitivity rows have no intervals: those stages keep no per-image match "
+                         "tables."),
                    ("table", header, rows)]
     if _results(data, "sensitivity"):
         sens = _results(data, "sensitivity")
@@ -312,11 +452,28 @@ def report_blocks(data: dict, plots: Sequence[Tuple[Path, str]] = ()) -> List[tu
                    ("p", f"{eng['machine']}; {eng['iterations']} timed calls per engine and batch size, the "
                          "engines taking turns; mAP of each engine's own detections."),
                    ("table", *engine_table(data))]
+        if all(m.get("vs_fp32_model") for m in eng["map"].values()):
+            blocks += [("h2", "Engines: mAP beside the FP32 model"),
+                       ("p", "Each engine's mAP beside the PyTorch FP32 model's and the reference engine's, on the "
+                             "same images. " + _bootstrap_words(data)),
+                       ("table", *engine_map_table(data))]
     blocks += [("h2", "Published figures beside this run's"),
                ("p", "The course's and NVIDIA's numbers are for the full YOLOv7 on COCO val2017 at 640 px "
                      "(NVIDIA's speeds on a Jetson Orin-X GPU), copied from their publications; they are "
-                     f"*{_NOT_MEASURED}*. The right column is this run's counterpart, for its own model and machine."),
+                     f"*{_NOT_MEASURED}*. The fourth column is this run's counterpart, for its own model and machine, "
+                     "and the last what its interval says of the published claim."),
                ("table", *published_table(data))]
+    found = claims(data)
+    if found:
+        from qcourse.yolo.intervals import VERDICTS
+
+        counts = {v: sum(c["verdict"] == v for c in found) for v in VERDICTS}
+        blocks.append(("p", f"Verdicts of the {len(found)} published comparisons this run measured: "
+                            + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". *Reproduced*: this run's paired "
+                            "95 % interval excludes 0 on the published side; *not reproduced*: it excludes 0 on the "
+                            "other side; *within noise*: it holds 0. Only the direction is judged, not the size "
+                            "(this run's model and images are its own); the other rows have no verdict and say "
+                            "why."))
     if plots:
         blocks.append(("h2", "Figures"))
         blocks += [("img", png, caption) for png, caption in plots]
@@ -409,6 +566,7 @@ def write_report(out, data: dict) -> Dict[str, Path]:
     out = Path(out)
     files = _files(out)
     check_writable(*report_paths(out))
+    data = {**data, "claims": claims(data)}
     report_blocks(data)  # every table, from the data alone: fails before any file is replaced
     blocks = report_blocks(data, _plots(out, data))
     markdown, page = to_markdown(blocks, out), to_html(blocks)

@@ -15,6 +15,13 @@ report). The stages here are the application's own runs, with the course's fast 
 * :func:`engines` — lesson 8: ONNX Runtime engines (TensorRT's instead with ``--device cuda`` where
   it is installed), their latency, throughput and mAP (:mod:`qcourse.engines`).
 
+Every mAP a stage measures carries its 95 % bootstrap interval over the evaluated images, and
+every comparison the report makes (each PTQ method vs FP32, each engine vs the FP32 model, the
+INT8 engines vs the reference engine) the paired interval of the difference
+(:mod:`qcourse.yolo.intervals`, :data:`BOOTSTRAP`): the evaluations keep their per-image match
+tables as ``.npz`` files in the stage folder, and the intervals are computed from those, the
+model is not run again.
+
 Each takes a :class:`StageContext` and returns its results as JSON-able data. With ``weights``
 and ``coco`` (``qcourse course --weights yolov7.pt --coco PATH``) the same functions run on
 real YOLOv7 and COCO.
@@ -27,8 +34,9 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 __all__ = ["STAGE_NAMES", "CourseConfig", "StageContext", "RECIPE_METHOD", "EVAL_BATCH", "SENSITIVITY_KS",
-           "BENCH_BATCHES", "QAT_BUDGET", "model_inputs", "qat_runs", "check_model_fits_data", "baseline", "ptq",
-           "sensitivity", "qat", "export", "engines"]
+           "BENCH_BATCHES", "QAT_BUDGET", "BOOTSTRAP", "FP32_TABLE", "model_inputs", "qat_runs",
+           "check_model_fits_data", "baseline", "ptq", "ptq_intervals", "sensitivity", "qat", "export", "engines",
+           "engine_intervals"]
 
 # This module imports nothing heavy at the top: the ``qcourse`` command reads STAGE_NAMES and
 # CourseConfig for its --help, which must not wait for torch.
@@ -48,6 +56,11 @@ BENCH_BATCHES = (1, 8)
 #: the course run's short QAT budget, for both runs; lesson 7 trains longer (``STRESS``'s own epochs
 #: and steps, or ``--qat-epochs`` / ``--qat-iters``)
 QAT_BUDGET = {"epochs": 2, "iters_per_epoch": 10}
+#: the bootstrap behind every interval (:mod:`qcourse.yolo.intervals`): 1000 resamples of the evaluated
+#: images drawn from a fixed seed, so a rerun gives the same intervals; 95 % percentile intervals
+BOOTSTRAP = {"n": 1000, "seed": 0, "level": 0.95}
+#: the FP32 model's match table, in the baseline's and the PTQ stage's folders
+FP32_TABLE = "fp32.npz"
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,26 @@ def _row(result: dict) -> dict:
             "images": int(result["images"])}
 
 
+def _resampled(table):
+    """A match table (or the ``.npz`` file of one) with its :data:`BOOTSTRAP` scores, computed once."""
+    from qcourse.yolo.intervals import Resampled, load_table
+
+    if isinstance(table, Path):
+        table = load_table(table)
+    return Resampled(table, n=BOOTSTRAP["n"], seed=BOOTSTRAP["seed"])
+
+
+def _interval(scores) -> list:
+    """The 95 % bootstrap interval ``[lo, hi]`` of a table's mAP@0.5:0.95."""
+    return scores.bootstrap(BOOTSTRAP["level"])["interval"]
+
+
+def _paired(a, b) -> dict:
+    """``{"diff", "interval"}``: mAP(a) - mAP(b) on the same images and its paired 95 % interval."""
+    d = a.minus(b, BOOTSTRAP["level"])
+    return {"diff": d["diff"], "interval": d["interval"]}
+
+
 def check_model_fits_data(config: CourseConfig) -> None:
     """Refuse weights whose classes do not match the dataset's, before any stage runs."""
     from qcourse.yolo.ptq import load_float_model
@@ -190,31 +223,69 @@ def check_model_fits_data(config: CourseConfig) -> None:
 
 # ----------------------------------------------------------------------------- the stages
 def baseline(ctx: StageContext) -> dict:
-    """FP32 mAP of the fused model on the val split (or its first ``eval_batches`` batches)."""
+    """FP32 mAP of the fused model on the val split (or its first ``eval_batches`` batches), with its interval.
+
+    The match table is kept as :data:`FP32_TABLE`.
+    """
     from qcourse.yolo.evaluate import evaluate
+    from qcourse.yolo.intervals import save_table
     from qcourse.yolo.ptq import load_float_model
 
     config = ctx.config
     model = load_float_model(config.weights).to(config.device)
     img_size = _img_size(config, model)
     root, loader = _val_loader(config, img_size)
-    r = evaluate(model, loader, device=config.device, progress=config.progress, max_batches=config.eval_batches)
-    ctx.log(f"FP32 mAP@0.5:0.95 {r['map']:.4f}, mAP@0.5 {r['map50']:.4f} on {r['images']} images")
+    r = evaluate(model, loader, device=config.device, progress=config.progress, max_batches=config.eval_batches,
+                 matches=True)
+    save_table(ctx.folder / FP32_TABLE, r["matches"])
+    interval = _interval(_resampled(r["matches"]))
+    ctx.log(f"FP32 mAP@0.5:0.95 {r['map']:.4f} [{interval[0]:.4f}, {interval[1]:.4f}], mAP@0.5 {r['map50']:.4f} "
+            f"on {r['images']} images")
     return {"weights": str(config.weights) if config.weights else "embedded default", "arch": model.arch,
             "classes": model.nc, "parameters": sum(p.numel() for p in model.parameters()),
             "data": str(root),
-            "img_size": img_size, "eval_batches": config.eval_batches,
-            "fp32": {**_row(r), "model_ms_per_image": round(float(r["model_ms_per_image"]), 2)}}
+            "img_size": img_size, "eval_batches": config.eval_batches, "bootstrap": dict(BOOTSTRAP),
+            "fp32": {**_row(r), "interval": interval, "matches": FP32_TABLE,
+                     "model_ms_per_image": round(float(r["model_ms_per_image"]), 2)}}
 
 
 def ptq(ctx: StageContext) -> dict:
-    """Lesson 5: FP32 vs each calibration method; ``int8_<method>.pt`` / ``.onnx`` in the stage folder."""
+    """Lesson 5: FP32 vs each calibration method; ``int8_<method>.pt`` / ``.onnx`` / ``.npz`` in the stage folder.
+
+    Each mAP gets its interval, each method its paired difference to FP32 (``vs_fp32``: method
+    minus FP32, from this stage's own FP32 evaluation: the same model on the same images as the
+    baseline's), and ``best_histogram_vs_max`` the best histogram method minus max.
+    """
     from qcourse.yolo.ptq import PTQConfig, run_ptq
 
     c = ctx.config
-    return run_ptq(PTQConfig(weights=c.weights, coco=c.coco, img_size=c.img_size, batch_size=EVAL_BATCH,
-                             calib_batches=c.calib_batches, eval_batches=c.eval_batches, device=c.device,
-                             out=ctx.folder, progress=c.progress, log=ctx.log))
+    res = run_ptq(PTQConfig(weights=c.weights, coco=c.coco, img_size=c.img_size, batch_size=EVAL_BATCH,
+                            calib_batches=c.calib_batches, eval_batches=c.eval_batches, device=c.device,
+                            out=ctx.folder, progress=c.progress, log=ctx.log, matches=True))
+    return ptq_intervals(res, ctx.folder, ctx.log)
+
+
+def ptq_intervals(res: dict, folder: Path, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Add to ``run_ptq``'s results (made with ``matches=True`` in ``folder``) the intervals :func:`ptq` records.
+
+    Each row gets ``interval``, each method ``vs_fp32`` (method minus FP32, paired), and the
+    results ``best_histogram_vs_max`` (the best histogram method minus max) and ``bootstrap``.
+    """
+    fp32 = _resampled(Path(folder) / res["fp32"]["matches"])
+    res["fp32"]["interval"] = _interval(fp32)
+    scores = {}
+    for method, row in res["int8"].items():
+        scores[method] = _resampled(Path(folder) / row["matches"])
+        row["interval"], row["vs_fp32"] = _interval(scores[method]), _paired(scores[method], fp32)
+        lo, hi = row["vs_fp32"]["interval"]
+        log(f"  {method:10s} mAP@0.5:0.95 {row['map']:.4f} [{row['interval'][0]:.4f}, {row['interval'][1]:.4f}],"
+            f" minus FP32 {row['vs_fp32']['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    histogram = [m for m in scores if m != "max"]
+    if "max" in scores and histogram:
+        best = max(histogram, key=lambda m: scores[m].value)
+        res["best_histogram_vs_max"] = {"best": best, **_paired(scores[best], scores["max"])}
+    res["bootstrap"] = dict(BOOTSTRAP)
+    return res
 
 
 def _recipe_checkpoint(ctx: StageContext) -> Path:
@@ -314,14 +385,22 @@ def _engine_specs(device: str):
 
 
 def engines(ctx: StageContext) -> dict:
-    """Lesson 8: build an engine from each exported file, time it at :data:`BENCH_BATCHES`, score its detections."""
+    """Lesson 8: build an engine from each exported file, time it at :data:`BENCH_BATCHES`, score its detections.
+
+    Each engine's mAP gets its interval and paired differences: ``vs_fp32_model``, the engine
+    minus the PyTorch FP32 model (the PTQ stage's :data:`FP32_TABLE`), and for the other engines
+    ``vs_reference``, the engine minus the reference engine; the match tables are kept as
+    ``<engine file stem>.npz``.
+    """
     import torch
 
     from qcourse.engines import build_engine
     from qcourse.engines.bench import benchmark, machine_line
     from qcourse.yolo.engines import evaluate_engine
+    from qcourse.yolo.intervals import load_table, save_table
 
     c = ctx.config
+    fp32_table = load_table(ctx.folder_of("ptq") / FP32_TABLE)  # the PyTorch FP32 model's, on the same images
     threads = torch.get_num_threads()
     exported = ctx.folder_of("export")
     built, described = {}, {}
@@ -348,8 +427,30 @@ def engines(ctx: StageContext) -> dict:
     timing = benchmark(built, BENCH_BATCHES, c.bench_iterations, warmup=min(3, c.bench_iterations), shape=shape)
     maps = {}
     for label, engine in built.items():
-        maps[label] = _row(evaluate_engine(engine, root=root, split=val, max_batches=c.eval_batches))
-        ctx.log(f"{label}: mAP@0.5:0.95 {maps[label]['map']:.4f}")
-    return {"machine": machine_line() + f", {threads} threads", "threads": threads, "batches": list(BENCH_BATCHES),
-            "iterations": c.bench_iterations, "reference": next(iter(built)), "engines": described, "timing": timing,
-            "map": maps}
+        r = evaluate_engine(engine, root=root, split=val, max_batches=c.eval_batches, matches=True)
+        maps[label] = {**_row(r), "matches": f"{Path(described[label]['file']).stem}.npz"}
+        save_table(ctx.folder / maps[label]["matches"], r["matches"])
+    res = {"machine": machine_line() + f", {threads} threads", "threads": threads, "batches": list(BENCH_BATCHES),
+           "iterations": c.bench_iterations, "reference": next(iter(built)), "engines": described, "timing": timing,
+           "map": maps}
+    return engine_intervals(res, ctx.folder, fp32_table, ctx.log)
+
+
+def engine_intervals(res: dict, folder: Path, fp32_table, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Add to the engines' results (their match tables in ``folder``) the intervals :func:`engines` records.
+
+    Each engine's row gets ``interval``, ``vs_fp32_model`` (the engine minus the FP32 model of
+    ``fp32_table``, paired) and, but the reference, ``vs_reference``; the results ``fp32_model``
+    and ``bootstrap``.
+    """
+    fp32_model = _resampled(fp32_table)
+    scores = {label: _resampled(Path(folder) / row["matches"]) for label, row in res["map"].items()}
+    for label, row in res["map"].items():
+        row["interval"], row["vs_fp32_model"] = _interval(scores[label]), _paired(scores[label], fp32_model)
+        if label != res["reference"]:
+            row["vs_reference"] = _paired(scores[label], scores[res["reference"]])
+        log(f"{label}: mAP@0.5:0.95 {row['map']:.4f} [{row['interval'][0]:.4f}, {row['interval'][1]:.4f}]")
+    res["fp32_model"] = {"map": round(fp32_model.value, 4), "interval": _interval(fp32_model),
+                         "matches": f"ptq/{FP32_TABLE}"}
+    res["bootstrap"] = dict(BOOTSTRAP)
+    return res

@@ -79,12 +79,13 @@ def calibration_batches(img_size: int = 160, batches: int = 4, batch_size: int =
 
 
 def evaluate_engine(engine, img_size: Optional[int] = None, batch_size: int = 32, root=None, split: str = "val",
-                    max_batches: Optional[int] = None) -> Dict[str, object]:
+                    max_batches: Optional[int] = None, matches: bool = False) -> Dict[str, object]:
     """COCO mAP of an engine's (or any callable's) detections on the default dataset's ``split``.
 
-    ``img_size`` defaults to the engine's input height (160 for the default model).
+    ``img_size`` defaults to the engine's input height (160 for the default model). ``matches``:
+    also return the per-image match table (see :func:`qcourse.yolo.evaluate.evaluate`).
     """
     size = img_size or (getattr(engine, "image_shape", (None, None))[1]) or 160
     root = root or ensure_default_dataset(progress=False)
     loader = create_dataloader(root, split, img_size=int(size), batch_size=batch_size)
-    return evaluate(engine, loader, progress=False, max_batches=max_batches)
+    return evaluate(engine, loader, progress=False, max_batches=max_batches, matches=matches)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 __all__ = ["MatchTable", "match_table", "no_detections_table", "score", "resample", "bootstrap", "paired", "interval", "verdict",
-           "save_table", "load_table", "VERDICTS"]
+           "Resampled", "save_table", "load_table", "VERDICTS"]
 
 #: pycocotools' recall thresholds 0, 0.01, ..., 1 (``COCOeval.params.recThrs``)
 _REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
@@ -215,6 +215,34 @@ def paired(a: MatchTable, b: MatchTable, n: int = 1000, seed: int = 0, level: fl
     w = resample(a.n_images, n, seed)
     diff = score(a, w)[metric] - score(b, w)[metric]
     return {"diff": score(a)[metric] - score(b)[metric], "interval": interval(diff, level), "n": n}
+
+
+class Resampled:
+    """One table's bootstrap scores, computed once: what :func:`bootstrap` and :func:`paired` return, bit for bit.
+
+    A report that gives every model an interval and compares each with a reference scores
+    each table once (``n`` samples, drawn from ``seed``) instead of once per comparison:
+    ``Resampled(a).bootstrap()`` is ``bootstrap(a)`` and ``Resampled(a).minus(Resampled(b))``
+    is ``paired(a, b)``, because the same ``n`` and ``seed`` draw the same images.
+    """
+
+    def __init__(self, table: MatchTable, n: int = 1000, seed: int = 0, metric: str = "map"):
+        self.table, self.n, self.seed, self.metric = table, n, seed, metric
+        self.value = score(table)[metric]
+        self.samples = score(table, resample(table.n_images, n, seed))[metric]
+
+    def bootstrap(self, level: float = 0.95) -> Dict[str, object]:
+        """``{"value", "interval", "n"}``, as :func:`bootstrap` returns them."""
+        return {"value": self.value, "interval": interval(self.samples, level), "n": self.n}
+
+    def minus(self, other: "Resampled", level: float = 0.95) -> Dict[str, object]:
+        """``{"diff", "interval", "n"}`` of this table minus ``other``, as :func:`paired` returns them."""
+        _check_same_images(self.table, other.table)
+        if (self.n, self.seed, self.metric) != (other.n, other.seed, other.metric):
+            raise ValueError(f"a paired comparison needs the same draws: n={self.n}, seed={self.seed}, {self.metric} "
+                             f"vs n={other.n}, seed={other.seed}, {other.metric}; resample both alike")
+        return {"diff": self.value - other.value, "interval": interval(self.samples - other.samples, level),
+                "n": self.n}
 
 
 def verdict(published_diff: float, measured_interval: Sequence[float]) -> str:

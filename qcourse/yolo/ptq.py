@@ -59,7 +59,9 @@ class PTQConfig:
     synthetic dataset; calibration on its train split, evaluation on val). ``img_size``: None
     takes the checkpoint's, else 640. ``methods``: calibration methods to compare. ``ignore``:
     regexes of layers left in float (None: :func:`default_ignore`). ``eval_batches``: None
-    evaluates the whole split. ``ort_batches``: batches for the ONNX Runtime check.
+    evaluates the whole split. ``ort_batches``: batches for the ONNX Runtime check. ``matches``: also
+    keep each evaluation's per-image match table (``fp32.npz``, ``int8_<method>.npz``) for
+    :mod:`qcourse.yolo.intervals`' bootstrap intervals.
     """
 
     weights: Optional[Path] = None
@@ -72,6 +74,7 @@ class PTQConfig:
     rules: bool = True
     eval_batches: Optional[int] = None
     ort_batches: int = 1
+    matches: bool = False
     device: str = "cpu"
     out: Path = Path("runs/ptq")
     progress: bool = True
@@ -313,11 +316,18 @@ def loaders(coco, batch_size: int, img_size: int, progress: bool = False):
     return root, calib, val_loader
 
 
-def _evaluate(model, loader, config: PTQConfig) -> dict:
+def _evaluate(model, loader, config: PTQConfig, table: Path) -> dict:
+    """The row of one evaluation; with ``config.matches`` its match table is written to ``table`` too."""
     from .evaluate import evaluate
+    from .intervals import save_table
 
-    r = evaluate(model, loader, device=config.device, progress=config.progress, max_batches=config.eval_batches)
-    return {"map": round(r["map"], 4), "map50": round(r["map50"], 4), "images": r["images"]}
+    r = evaluate(model, loader, device=config.device, progress=config.progress, max_batches=config.eval_batches,
+                 matches=config.matches)
+    row = {"map": round(r["map"], 4), "map50": round(r["map50"], 4), "images": r["images"]}
+    if config.matches:
+        save_table(table, r["matches"])
+        row["matches"] = table.name
+    return row
 
 
 def _prepare(config: PTQConfig):
@@ -331,7 +341,7 @@ def _prepare(config: PTQConfig):
 
 def _int8_method(qmodel, method, val, example, stage: Path, config: PTQConfig, meta: dict) -> dict:
     ptq.load_amax(qmodel, method)
-    row = _evaluate(qmodel, val, config)
+    row = _evaluate(qmodel, val, config, stage / f"int8_{method}.npz")
     onnx_name, ckpt_name = f"int8_{method}.onnx", f"int8_{method}.pt"
     export_onnx(qmodel, example, stage / onnx_name)
     save_quantized(qmodel, stage / ckpt_name, method=method, **meta)
@@ -347,21 +357,22 @@ def _int8_method(qmodel, method, val, example, stage: Path, config: PTQConfig, m
 def run_ptq(config: PTQConfig) -> dict:
     """FP32 vs each calibration method on one model: evaluate, export, save; returns the results.
 
-    Writes ``fp32.onnx``, ``int8_<method>.onnx``, ``int8_<method>.pt`` and last
+    Writes ``fp32.onnx``, ``int8_<method>.onnx``, ``int8_<method>.pt`` (with ``matches``, the
+    ``.npz`` match tables of the evaluations too) and last
     ``results.json`` into ``config.out``. Files are made in a hidden staging folder and moved
     in at the end, so an interrupted run leaves the previous results as they were (or none).
     A file of those names that qcourse did not write is refused before any work
     (:func:`qcourse.utils.check_writable`): qcourse replaces only its own files.
     """
     out = Path(config.out)
-    check_writable(*(out / name for name in output_files(config.methods)))
+    check_writable(*(out / name for name in output_files(config.methods, config.matches)))
     out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be a folder fails here, before the work
     model, qmodel, info, img_size, root, calib, val = _prepare(config)
     stage = Path(tempfile.mkdtemp(prefix=".ptq-", dir=str(out)))
     try:
         example = torch.zeros(1, 3, img_size, img_size, device=config.device)
         config.log(f"FP32 {Path(config.weights).name if config.weights else 'embedded default'} at {img_size} px")
-        fp32 = {**_evaluate(model, val, config), "onnx": "fp32.onnx"}
+        fp32 = {**_evaluate(model, val, config, stage / "fp32.npz"), "onnx": "fp32.onnx"}
         export_onnx(model, example, stage / "fp32.onnx")
         config.log(f"  {'fp32':10s} mAP@0.5:0.95 {fp32['map']:.4f}  mAP@0.5 {fp32['map50']:.4f}")
         ptq.calibrate(qmodel, calib, config.calib_batches, device=config.device, progress=config.progress)
@@ -383,9 +394,10 @@ def run_ptq(config: PTQConfig) -> dict:
     return results
 
 
-def output_files(methods: Sequence[str]) -> List[str]:
-    """The names :func:`run_ptq` writes into its folder for these calibration methods."""
-    return ["fp32.onnx", *(f"int8_{m}{ext}" for m in methods for ext in (".onnx", ".pt")), "results.json"]
+def output_files(methods: Sequence[str], matches: bool = False) -> List[str]:
+    """The names :func:`run_ptq` writes into its folder for these calibration methods (and match tables)."""
+    tables = ["fp32.npz", *(f"int8_{m}.npz" for m in methods)] if matches else []
+    return ["fp32.onnx", *(f"int8_{m}{ext}" for m in methods for ext in (".onnx", ".pt")), *tables, "results.json"]
 
 
 def _publish(stage: Path, out: Path, results: dict) -> None:

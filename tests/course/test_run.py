@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,18 @@ def f4(x) -> str:
     return f"{x:.4f}"
 
 
+def with_interval(row: dict) -> str:
+    """A mAP as the report prints it: ``0.6974 [0.6807, 0.7181]``."""
+    return f"{row['map']:.4f} [{row['interval'][0]:.4f}, {row['interval'][1]:.4f}]"
+
+
+def points(d: dict) -> str:
+    """A paired difference as the report prints it, in points, with its interval and what that says."""
+    lo, hi = d["interval"]
+    word = "within noise" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
+    return f"{100 * d['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] {word}"
+
+
 # ------------------------------------------------------------------ the tests
 def test_interrupted_stage_keeps_the_finished_ones(runs):
     code, out, err = runs["first"]
@@ -167,12 +180,12 @@ def test_report_tables_hold_the_stage_results(runs):
     tables = md_tables((out / "report.md").read_text())
     rows = {r[0]: r for r in tables["mAP per variant"]}
     base = stage_results(out, "baseline")["fp32"]
-    assert rows["FP32"][1:5] == [f4(base["map"]), f4(base["map50"]), "+0.00", str(base["images"])]
+    assert rows["FP32"][1:5] == [with_interval(base), f4(base["map50"]), "+0.00", str(base["images"])]
     ptq = stage_results(out, "ptq")
     assert set(ptq["int8"]) == {"max", "entropy", "mse", "percentile"}
     for method, r in ptq["int8"].items():
         row = rows[f"PTQ INT8, {method} calibration"]
-        assert row[1:5] == [f4(r["map"]), f4(r["map50"]), f"{100 * (r['map'] - base['map']):+.2f}", str(r["images"])]
+        assert row[1:5] == [with_interval(r), f4(r["map50"]), points(r["vs_fp32"]), str(r["images"])]
     qat = stage_results(out, "qat")["runs"]
     for res in qat.values():
         bits = res["table"][2]["model"].split()[1]
@@ -198,7 +211,15 @@ def test_report_tables_hold_the_stage_results(runs):
         for b, t in per_batch.items():
             row = got[(name, b)]
             assert row[2] == f"{t['latency_ms_median']:.2f}" and row[5] == f"{t['throughput_img_s']:.1f}"
-            assert row[7] == f4(eng["map"][name]["map"])
+            assert row[7] == with_interval(eng["map"][name])
+    engine_maps = {r[0]: r for r in tables["Engines: mAP beside the FP32 model"]}
+    for name, m in eng["map"].items():
+        assert engine_maps[name][1:3] == [with_interval(m), points(m["vs_fp32_model"])]
+        assert engine_maps[name][3] == ("(the reference)" if name == eng["reference"] else points(m["vs_reference"]))
+    got = {r[0]: r for r in tables["Published figures beside this run's"]}
+    for claim in json.loads((out / "results.json").read_text())["claims"]:
+        row = next(r for r in got.values() if f"{claim['measured']:+.4f} [{claim['interval'][0]:+.4f}, " in r[3])
+        assert row[4] == claim["verdict"]
 
     notebooks = tables["The lessons, executed"]
     assert [r[0] for r in notebooks] == ["01_tiny.ipynb"]
@@ -221,10 +242,73 @@ def test_html_report_is_one_self_contained_page(runs):
     assert "<link" not in page and "<script" not in page and not re.search(r"src=['\"]https?:", page)
     assert page.count("src='data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) == 3
     base = stage_results(out, "baseline")["fp32"]
-    assert f"<td>FP32</td><td>{f4(base['map'])}</td>" in page
+    assert f"<td>FP32</td><td>{with_interval(base)}</td>" in page
     assert "published, not measured here" in page
     html_nb = (out / "notebooks" / "01_tiny.html").read_text()
     assert ">A lesson<" in html_nb and "<pre>42\n</pre>" in html_nb  # its markdown and its output, rendered
+
+
+def test_results_json_has_the_claims_and_their_verdicts(runs):
+    from qcourse.yolo import intervals
+
+    data = json.loads((runs["out"] / "results.json").read_text())
+    ptq, eng = data["stages"]["ptq"]["results"], data["stages"]["engines"]["results"]
+    claims = {c["name"].split(" (measured")[0]: c for c in data["claims"]}
+    assert len(claims) == 4  # histogram's loss, max vs histogram, PyTorch PTQ vs FP16, TensorRT QAT vs FP16
+    for c in data["claims"]:
+        assert set(c) == {"name", "published", "measured", "interval", "verdict"}
+        lo, hi = c["interval"]
+        assert lo <= c["measured"] <= hi and c["verdict"] in intervals.VERDICTS
+        assert c["verdict"] == intervals.verdict(c["published"], c["interval"])
+    # each claim is the stage's paired difference, recomputed here from the stored tables
+    folder = {"ptq": runs["out"] / "ptq", "engines": runs["out"] / "engines"}
+    mse = intervals.load_table(folder["ptq"] / ptq["int8"]["mse"]["matches"])
+    fp32 = intervals.load_table(folder["ptq"] / ptq["fp32"]["matches"])
+    loss = intervals.paired(fp32, mse)
+    c = claims["PTQ, histogram calibration loses about 0.003 mAP"]
+    assert c["published"] == 0.003
+    assert c["measured"] == pytest.approx(loss["diff"], abs=1e-12)
+    assert c["interval"] == pytest.approx(loss["interval"], abs=1e-12)
+    best = ptq["best_histogram_vs_max"]["best"]
+    assert ptq["int8"][best]["map"] == max(ptq["int8"][m]["map"] for m in ("entropy", "mse", "percentile"))
+    gap = intervals.paired(intervals.load_table(folder["ptq"] / ptq["int8"][best]["matches"]),
+                           intervals.load_table(folder["ptq"] / ptq["int8"]["max"]["matches"]))
+    c = next(v for k, v in claims.items() if k.startswith("max calibration 0.444"))
+    assert (c["measured"], c["interval"]) == (gap["diff"], gap["interval"])
+    qat = eng["map"]["ORT int8 QAT"]
+    vs = intervals.paired(intervals.load_table(folder["engines"] / qat["matches"]),
+                          intervals.load_table(folder["engines"] / eng["map"]["ORT fp32"]["matches"]))
+    c = next(v for k, v in claims.items() if k.startswith("TensorRT INT8 QAT"))
+    assert (c["measured"], c["interval"]) == (vs["diff"], vs["interval"])
+
+
+def test_every_measured_map_holds_its_value_in_its_interval(runs):
+    """Each stored table scores the mAP pycocotools gave the stage, and its interval is the bootstrap's."""
+    from qcourse.utils import is_owned
+    from qcourse.yolo import intervals
+
+    out = runs["out"]
+    data = json.loads((out / "results.json").read_text())["stages"]
+    base, ptq, eng = (data[s]["results"] for s in ("baseline", "ptq", "engines"))
+    rows = [("baseline", base["fp32"]), ("ptq", ptq["fp32"]), *(("ptq", r) for r in ptq["int8"].values()),
+            *(("engines", r) for r in eng["map"].values())]
+    for stage, row in rows:
+        path = out / stage / row["matches"]
+        assert is_owned(path)  # written through atomic_write: a rerun may replace it
+        table = intervals.load_table(path)
+        assert table.n_images == row["images"]
+        b = intervals.bootstrap(table, n=1000, seed=0)
+        assert round(b["value"], 4) == row["map"]  # the table is the evaluation the stage reported
+        assert row["interval"] == b["interval"] and b["interval"][0] <= b["value"] <= b["interval"][1]
+    # the FP32 model, once in the baseline and once in the PTQ stage: the same detections on the same images
+    a, b = (intervals.load_table(out / s / "fp32.npz") for s in ("baseline", "ptq"))
+    assert np.array_equal(a.image_ids, b.image_ids) and intervals.score(a) == intervals.score(b)
+    fp32 = intervals.load_table(out / "ptq" / "fp32.npz")
+    for stage, row, key, ref in [*(("ptq", r, "vs_fp32", fp32) for r in ptq["int8"].values()),
+                                 *(("engines", r, "vs_fp32_model", fp32) for r in eng["map"].values())]:
+        d = intervals.paired(intervals.load_table(out / stage / row["matches"]), ref)
+        assert row[key] == {"diff": d["diff"], "interval": d["interval"]}
+        assert d["interval"][0] <= d["diff"] <= d["interval"][1]
 
 
 def test_second_identical_run_skips_every_stage(runs, tiny):
