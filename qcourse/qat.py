@@ -25,12 +25,26 @@ What this module holds (lesson 7 applies it to YOLOv7 in :mod:`qcourse.yolo.qat`
   data position) from which ``resume=True`` ends with the same weights as an uninterrupted
   run, and DistributedDataParallel when launched by ``torchrun`` (gloo on CPU, NCCL on GPU,
   a DistributedSampler shard per rank, only rank 0 writing files).
+* :func:`rank_device` — the device of one ``torchrun`` process: ``cuda`` becomes the GPU of
+  its ``LOCAL_RANK`` (NCCL refuses two processes on one GPU), and the collectives use
+  tensors on it (:func:`collective_device`).
+
+Which parameters train: only those the loss reaches. The label-free loss compares block
+outputs before the detection head, so the head gets no gradient from it; :func:`train` finds
+the parameters a loss reaches from its graph on one batch (:func:`reached_parameters`) and
+leaves the others out of the optimizer and out of DistributedDataParallel, which would wait
+for their gradients forever. (``find_unused_parameters=True`` cannot help here: it looks for
+parameters the *forward output* does not use, and the head's output does use them; it would
+also walk the graph at every step.)
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import pickle
 import random
+import zipfile
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -44,17 +58,20 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from qcourse import workflow
-from qcourse.utils import atomic_write, is_int
+from qcourse.utils import atomic_write, check_writable, is_int, remove_owned
 
 __all__ = [
     "QATConfig", "NVIDIA_SCHEDULE", "lr_at_epoch", "select_blocks", "DistillationLoss", "enable_learn_amax",
-    "learned_amax", "train", "CHECKPOINT_FORMAT", "load_state", "is_main_process",
+    "learned_amax", "train", "CHECKPOINT_FORMAT", "load_state", "resume_state", "is_main_process", "rank_device",
+    "launched_world_size", "bind_device", "backend_for", "collective_device", "check_batches", "reached_parameters", "RUN_FILES",
 ]
 
 #: NVIDIA's yolov7_qat schedule as (fraction of the epochs where a phase starts, fraction of the
 #: peak lr): ``{0: 1e-6, 3: 1e-5, 8: 1e-6}`` over 10 epochs with a 1e-5 peak.
 NVIDIA_SCHEDULE = ((0.0, 0.1), (0.3, 1.0), (0.8, 0.1))
 CHECKPOINT_FORMAT = "qcourse.qat"
+#: what :func:`train` writes into its ``out_dir``
+RUN_FILES = ("best.pt", "last.pt")
 
 
 def _finite_positive(v) -> bool:
@@ -248,20 +265,105 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"the environment variable {name}={text!r} is not a whole number; launch with "
+                         "torchrun, which sets it, or unset it") from None
+
+
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started (``WORLD_SIZE``); 1 for a plain run."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
+def rank_device(requested, *, world_size: Optional[int] = None, local_rank: Optional[int] = None,
+                cuda_count: Optional[int] = None) -> torch.device:
+    """The device this process trains on.
+
+    Alone (``world_size`` 1), ``requested`` as it is. Under ``torchrun`` with several
+    processes, ``cpu`` stays ``cpu`` (gloo), and ``cuda`` becomes ``cuda:LOCAL_RANK``: NCCL
+    runs one process per GPU and refuses two on the same one. A GPU named by number is
+    accepted only where it is that process's own (so a device already chosen by this function
+    passes through unchanged). ``world_size``, ``local_rank`` and ``cuda_count`` default to
+    ``WORLD_SIZE``, ``LOCAL_RANK`` and ``torch.cuda.device_count()``; given, the function
+    reads nothing else. Raises ``ValueError`` for a choice NCCL or gloo cannot run.
+    """
+    device = torch.device(requested)
+    world = launched_world_size() if world_size is None else world_size
+    if world <= 1:
+        return device
+    local = _env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"device {str(device)!r} cannot train with {world} processes: torch.distributed runs "
+                         "on cpu (gloo) or cuda (NCCL); pass cpu or cuda")
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if local >= count:
+        raise ValueError(f"process LOCAL_RANK={local} of {world} needs a GPU of its own, and {count} are visible; "
+                         f"launch at most {count} processes per machine (torchrun --nproc_per_node={max(count, 1)})")
+    if device.index is not None and device.index != local:
+        raise ValueError(f"device {str(device)!r} puts every one of the {world} processes on one GPU, which NCCL "
+                         "refuses; pass the device as plain 'cuda' (--device cuda): each process then takes the "
+                         "GPU numbered by its LOCAL_RANK")
+    return torch.device("cuda", local)
+
+
+def backend_for(device) -> str:
+    """The process group backend for a rank on ``device``: NCCL for a GPU, gloo for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def collective_device(backend: str, device) -> torch.device:
+    """Where the tensors of a collective must live: on the rank's GPU for NCCL (CUDA tensors
+    only), on the CPU for gloo."""
+    return torch.device(device) if backend == "nccl" else torch.device("cpu")
+
+
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` this process's current GPU (what NCCL and ``all_gather_object`` use)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def _init_distributed(device: torch.device) -> bool:
     """Join the process group when ``torchrun`` started several processes; True if this call made it."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if dist.is_initialized() or launched_world_size() <= 1:
         return False
     if not dist.is_torchelastic_launched() and "MASTER_ADDR" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but no rendezvous address; launch with torchrun --nproc_per_node=N")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    bind_device(device)
+    dist.init_process_group(backend=backend_for(device))
     return True
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return collective_device(dist.get_backend(), device)
 
 
 def _world() -> tuple:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def check_batches(loader: DataLoader, world_size: Optional[int] = None) -> None:
+    """Refuse, before any work, a training loader whose batches cannot be cut into ``world_size``
+    shards (default: ``WORLD_SIZE``) or whose dataset is smaller than one batch."""
+    world = launched_world_size() if world_size is None else world_size
+    batch = loader.batch_size
+    if batch is None or batch % max(world, 1):
+        raise ValueError(f"the batch size {batch} does not split over {world} processes; pass a batch size "
+                         f"that is a multiple of {world}")
+    n = len(loader.dataset)
+    if n // world < batch // world:  # what a DistributedSampler with drop_last gives each rank
+        raise ValueError(f"the batch size {batch} is larger than the training data ({n} items); pass a batch "
+                         f"size of at most {n - n % world}")
 
 
 def _sharded_loader(loader: DataLoader, config: QATConfig, rank: int, world: int) -> DataLoader:
@@ -271,18 +373,13 @@ def _sharded_loader(loader: DataLoader, config: QATConfig, rank: int, world: int
     RNG and the N shards of a batch are exactly the single-process batch. ``batch_size`` stays
     the global batch: each of the ``world`` ranks takes ``batch_size / world`` images.
     """
+    check_batches(loader, world)
     batch = loader.batch_size
-    if batch is None or batch % world:
-        raise ValueError(f"the batch size {batch} does not split over {world} processes; pass a batch size "
-                         f"that is a multiple of {world}")
     shuffle = config.shuffle
     if shuffle is None:
         shuffle = isinstance(loader.sampler, RandomSampler) or bool(getattr(loader.sampler, "shuffle", False))
     sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle,
                                  seed=config.seed, drop_last=True)
-    if len(sampler) < batch // world:
-        raise ValueError(f"the dataset ({len(loader.dataset)} items) is smaller than one batch of {batch}; "
-                         "pass a smaller batch size")
     return DataLoader(loader.dataset, batch_size=batch // world, sampler=sampler, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers, drop_last=True)
 
@@ -310,22 +407,22 @@ def _batches(loader: DataLoader, epoch: int, n: int, skip: int = 0):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _rng_state() -> Dict:
+def _rng_state(device: torch.device) -> Dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this rank's GPU only: reading every GPU's state would open a context on each
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: Dict) -> None:
+def _set_rng_state(state: Dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -334,24 +431,58 @@ def _atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+_STATE_KEYS = {"settings": dict, "model": dict, "optimizer": dict, "rng": dict, "epoch": int, "step": int,
+               "loss_sum": float, "history": list, "step_losses": list}
+
+
 def load_state(path) -> Dict:
-    """A ``last.pt`` written by :func:`train` (plain tensors, read with ``weights_only=True``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A ``last.pt`` written by :func:`train` (plain tensors, read with ``weights_only=True``).
+
+    A file that does not load as one (truncated, overwritten, or something else saved under the
+    name) raises ``ValueError`` naming it; ``weights_only`` stays on: a checkpoint of
+    :func:`train` never needs more.
+    """
+    fix = "delete it to start afresh, or run without resuming, or into another output folder"
+    with open(path, "rb") as f:  # a missing or unreadable file is an OSError of its own, said as such
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, TypeError,
+                AttributeError, ImportError, IndexError, KeyError) as e:  # torch's own hint is to load unsafely
+            state = e
+    if isinstance(state, Exception):
+        raise ValueError(f"{path} is damaged or is not a QAT checkpoint of qcourse (it does not load as one: "
+                         f"{type(state).__name__}); {fix}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a QAT checkpoint written by qcourse.qat.train; pass its run folder's last.pt")
+        raise ValueError(f"{path} is not a QAT checkpoint written by qcourse.qat.train; {fix}")
+    bad = [k for k, kind in _STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+    if bad:
+        raise ValueError(f"{path} is a damaged QAT checkpoint of qcourse ({', '.join(bad)} missing or of the wrong "
+                         f"kind); {fix}")
     return state
 
 
-def _resume_from(out_dir: Optional[Path], config: QATConfig, resume: bool) -> Optional[Dict]:
-    if not resume or out_dir is None or not (out_dir / "last.pt").exists():
+def resume_state(out_dir, config: QATConfig) -> Optional[Dict]:
+    """The checkpoint ``out_dir/last.pt`` to resume from (None where there is none).
+
+    Raises ``ValueError`` for a damaged file and for a run made with other settings: call it
+    before any work to refuse a resume up front (:func:`train` calls it too).
+    """
+    path = Path(out_dir) / "last.pt"
+    if not (path.exists() or path.is_symlink()):
         return None
-    state = load_state(out_dir / "last.pt")
+    state = load_state(path)
     old, new = state["settings"], config.settings()
     changes = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in new.items() if old.get(k) != v]
     if changes:
         raise ValueError(f"{out_dir} holds a QAT run with other settings ({'; '.join(changes)}); pass another "
                          "output folder, or the same settings to resume it")
     return state
+
+
+def _resume_from(out_dir: Optional[Path], config: QATConfig, resume: bool) -> Optional[Dict]:
+    if not resume or out_dir is None:
+        return None
+    return resume_state(out_dir, config)
 
 
 def _save_state_dict(model: nn.Module, path: Path) -> None:
@@ -376,27 +507,57 @@ class _Progress:
         self.step_losses = [] if self.step_losses is None else self.step_losses
 
 
-def _checkpoint(path: Path, model, opt, config: QATConfig, run: _Progress) -> None:
+def _checkpoint(path: Path, model, opt, config: QATConfig, run: _Progress, device: torch.device) -> None:
     if not is_main_process():
         return
     _atomic_save({"format": CHECKPOINT_FORMAT, "settings": config.settings(), "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "rng": _rng_state(), **vars(run)}, path)
+                  "optimizer": opt.state_dict(), "rng": _rng_state(device), **vars(run)}, path)
 
 
-def _restore(state: Dict, model, opt) -> _Progress:
+def _restore(state: Dict, model, opt, device: torch.device) -> _Progress:
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])  # the RNG as it was after the last saved step (dropout, augmentation)
-    return _Progress(**{k: state[k] for k in ("epoch", "step", "loss_sum", "history", "best_score", "best_epoch",
-                                              "step_losses")})
+    _set_rng_state(state["rng"], device)  # the RNG as it was after the last saved step (dropout, augmentation)
+    return _Progress(**{k: state.get(k) for k in ("epoch", "step", "loss_sum", "history", "best_score", "best_epoch",
+                                                  "step_losses")})
 
 
-def _mean_over_ranks(value: float) -> float:
-    if _world()[1] == 1:
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the processes (itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(device))
     dist.all_reduce(t)
-    return float(t) / _world()[1]
+    return float(t.cpu()) / dist.get_world_size()
+
+
+def _from_main(value, device: torch.device):
+    """Rank 0's ``value`` on every process (as it is outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(device))
+    return box[0]
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    """The SHA-256 of the model's state (names, dtypes, shapes and bytes, in order)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digests_by_rank(model: nn.Module) -> List[str]:
+    """Every process's :func:`_weights_sha256`, by rank: DistributedDataParallel keeps them equal."""
+    mine = _weights_sha256(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def _metrics(result) -> Dict[str, float]:
@@ -409,27 +570,26 @@ def _metrics(result) -> Dict[str, float]:
     return {"score": float(result)}
 
 
-def _end_epoch(model, opt, config, run: _Progress, lr: float, seconds: float, evaluate, out_dir, save_model, log):
+def _end_epoch(model, opt, config, run: _Progress, lr: float, seconds: float, evaluate, out_dir, save_model, log,
+               device: torch.device):
     """Log the epoch, evaluate it (rank 0; the others wait), keep the best, write last.pt."""
-    row = {"epoch": run.epoch + 1, "lr": lr, "loss": _mean_over_ranks(run.loss_sum / config.iters_per_epoch),
+    row = {"epoch": run.epoch + 1, "lr": lr, "loss": _mean_over_ranks(run.loss_sum / config.iters_per_epoch, device),
            "seconds": round(seconds, 2)}
     if evaluate is not None:
-        result = [_metrics(evaluate(model))] if is_main_process() else [None]
-        if _world()[1] > 1:
-            dist.broadcast_object_list(result, src=0)
-        row.update(result[0])
+        row.update(_from_main(_metrics(evaluate(model)) if is_main_process() else None, device))
         if run.best_score is None or row["score"] > run.best_score:
             run.best_score, run.best_epoch = row["score"], run.epoch + 1
             if out_dir is not None and is_main_process():
                 save_model(model, out_dir / "best.pt")
     run.history.append(row)
-    log(" ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if is_main_process():
+        log(" ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     run.epoch, run.step, run.loss_sum = run.epoch + 1, 0, 0.0
     if out_dir is not None:
-        _checkpoint(out_dir / "last.pt", model, opt, config, run)
+        _checkpoint(out_dir / "last.pt", model, opt, config, run, device)
 
 
-def _run_epoch(net, model, loss_fn, opt, loader, config: QATConfig, run: _Progress, amax_params, out_dir):
+def _run_epoch(net, model, loss_fn, opt, loader, config: QATConfig, run: _Progress, amax_params, out_dir, device):
     """The optimizer steps left in ``run.epoch``: loss, STE backward, Adam step."""
     net.train()
     for batch in _batches(loader, run.epoch, config.iters_per_epoch, skip=run.step):
@@ -445,28 +605,98 @@ def _run_epoch(net, model, loss_fn, opt, loader, config: QATConfig, run: _Progre
         run.step_losses.append(float(loss.detach()))
         if (config.checkpoint_every and out_dir is not None and run.step % config.checkpoint_every == 0
                 and run.step < config.iters_per_epoch):
-            _checkpoint(out_dir / "last.pt", model, opt, config, run)
+            _checkpoint(out_dir / "last.pt", model, opt, config, run, device)
 
 
-def _prepare(model: nn.Module, loader: DataLoader, config: QATConfig, device: torch.device):
-    """Learnable amax, the shard of the data, Adam over what trains, and the DDP wrapper."""
+# ----------------------------------------------------------------------------- what the loss trains
+def reached_parameters(loss: torch.Tensor) -> set:
+    """The ids of the leaf tensors (parameters) whose ``.grad`` ``loss.backward()`` would fill.
+
+    Read from the autograd graph behind ``loss`` without running it: every path from ``loss``
+    ends at the accumulator of a leaf, and a parameter no path reaches gets no gradient.
+    """
+    seen, leaves, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if leaf is not None:
+            leaves.add(id(leaf))
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return leaves
+
+
+def _untrained_by_loss(model: nn.Module, loss_fn: Callable, batch, device: torch.device) -> List[str]:
+    """Names of the trainable parameters ``loss_fn`` leaves without a gradient, from one batch.
+
+    The model runs in training mode, as in the loop; its buffers (BatchNorm statistics, a
+    quantizer's state) and every RNG are given back as they were, so the run is the one it
+    would be without this look (and a resumed run still ends with the uninterrupted weights).
+    """
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    mode = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               device_type="cuda" if device.type == "cuda" else "cpu"):
+        model.train()
+        loss = loss_fn(model, batch)
+        reached = reached_parameters(loss) if isinstance(loss, torch.Tensor) and loss.requires_grad else set()
+        del loss  # frees the graph: nothing runs backward
+    model.train(mode)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def _first_batch(loader: DataLoader, config: QATConfig, world: int):
+    """Rank 0's first batch: every process looks at the same one, so all choose the same parameters."""
+    probe = _sharded_loader(loader, config, 0, world)
+    probe.sampler.set_epoch(0)
+    return next(iter(probe))
+
+
+def _prepare(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATConfig, device: torch.device, log):
+    """Learnable amax, the shard of the data, what the loss trains, Adam over it, and the DDP wrapper.
+
+    Returns ``(net, optimizer, loader, amax parameters, parameters left frozen)``.
+    """
     rank, world = _world()
     torch.manual_seed(config.seed)
     model.to(device)
     if config.learn_amax:
         enable_learn_amax(model)  # before Adam is built: it must hold the new parameters
-    amax_params = list({id(p): p for p in learned_amax(model).values()}.values())
     loader = _sharded_loader(loader, config, rank, world)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter; call model.requires_grad_(True)")
+    untrained = _untrained_by_loss(model, loss_fn, _first_batch(loader, config, world), device)
+    named = dict(model.named_parameters())
+    frozen = [named[n] for n in untrained]
+    for p in frozen:  # no gradient would come: DDP would wait for one, Adam would skip them anyway
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameter; call model.requires_grad_(True)")
+        raise ValueError("the loss reaches no trainable parameter of the model (its value does not depend on "
+                         "them); pass a loss computed from the model's outputs")
+    if untrained and is_main_process():
+        log(f"{len(untrained)} parameter tensors get no gradient from the loss and stay as they are "
+            f"({', '.join(untrained[:3])}{', ...' if len(untrained) > 3 else ''})")
+    reached = {id(p) for p in params}
+    amax_params = [p for p in {id(p): p for p in learned_amax(model).values()}.values() if id(p) in reached]
     opt = torch.optim.Adam(params, lr=lr_at_epoch(config, 0))
     net = model
     if world > 1:
-        # find_unused_parameters: the distillation loss leaves the unsupervised head without a gradient
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  find_unused_parameters=True)
-    return net, opt, loader, amax_params
+        # every parameter DDP holds gets a gradient at every step (the others are frozen above), so
+        # find_unused_parameters stays off: it would walk the autograd graph after every forward
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return net, opt, loader, amax_params, frozen
+
+
+def _start_fresh(out_dir: Path) -> None:
+    """A run that does not resume: the earlier run's files go first (only qcourse's, unchanged)."""
+    for name in RUN_FILES:
+        remove_owned(out_dir / name)
 
 
 def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATConfig = QATConfig(), *,
@@ -477,40 +707,58 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
     ``loss_fn(model, batch) -> scalar tensor`` (e.g. a :class:`DistillationLoss`, or a
     detection loss on labels); ``loader`` gives the training batches (its dataset, batch
     size, collate function and shuffling are kept; the order comes from ``config.seed``).
-    ``evaluate(model)`` runs after every epoch and returns the score (higher is better) or a
-    dict of numbers with the score under ``"score"`` (all go to the history); the best model is
-    written with ``save_model(model, out_dir / "best.pt")``. ``out_dir/last.pt`` is written
-    atomically after every epoch (and every ``config.checkpoint_every`` steps); with
-    ``resume=True`` a run continues from it and ends with the weights an uninterrupted run
-    would have. Under ``torchrun --nproc_per_node=N`` each process trains on its shard with
-    DistributedDataParallel and only rank 0 evaluates and writes.
+    Only the parameters the loss reaches train (found on the first batch, which costs one
+    extra forward pass; the loss must reach the same ones at every step); the others stay as
+    they are. ``evaluate(model)`` runs after every epoch and returns the score (higher is
+    better) or a dict of numbers with the score under ``"score"`` (all go to the history); the
+    best model is written with ``save_model(model, out_dir / "best.pt")``. ``out_dir/last.pt``
+    is written atomically after every epoch (and every ``config.checkpoint_every`` steps);
+    with ``resume=True`` a run continues from it and ends with the weights an uninterrupted
+    run would have. A run that does not resume first deletes the earlier run's ``best.pt`` and
+    ``last.pt``; a file there that qcourse did not write is refused before any work. Under
+    ``torchrun --nproc_per_node=N`` each process trains on its shard with
+    DistributedDataParallel on its own device (:func:`rank_device`), and only rank 0
+    evaluates and writes.
 
     Returns ``{"history": [{"epoch", "lr", "loss", "seconds"[, "score"]}], "best_score",
-    "best_epoch", "steps", "step_losses" (every step's loss, this process's), "world_size"}``.
+    "best_epoch", "steps", "step_losses" (every step's loss, this process's), "world_size",
+    "weights_sha256" (the final weights' SHA-256 on each process, by rank: all equal)}``.
     """
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a qcourse.qat.QATConfig, got {type(config).__name__}")
-    device = torch.device(device)
+    device = rank_device(device)
     out_dir = None if out_dir is None else Path(out_dir)
-    if out_dir is not None and is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
     state = _resume_from(out_dir, config, resume)  # a refusal comes before any work
+    if out_dir is not None and is_main_process():
+        check_writable(*(out_dir / name for name in RUN_FILES))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            _start_fresh(out_dir)
     started = _init_distributed(device)
+    frozen, finished = [], False
     try:
-        net, opt, loader, amax_params = _prepare(model, loader, config, device)
-        run = _restore(state, model, opt) if state is not None else _Progress()
-        if state is not None:
+        net, opt, loader, amax_params, frozen = _prepare(model, loss_fn, loader, config, device, log)
+        run = _restore(state, model, opt, device) if state is not None else _Progress()
+        if state is not None and is_main_process():
             log(f"resumed at epoch {run.epoch + 1}, step {run.step}")
         for epoch in range(run.epoch, config.epochs):
             lr = lr_at_epoch(config, epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            _run_epoch(net, model, loss_fn, opt, loader, config, run, amax_params, out_dir)
-            _end_epoch(model, opt, config, run, lr, time.perf_counter() - t0, evaluate, out_dir, save_model, log)
-        return {"history": run.history, "best_score": run.best_score, "best_epoch": run.best_epoch,
-                "steps": config.epochs * config.iters_per_epoch, "step_losses": run.step_losses,
-                "world_size": _world()[1]}
+            _run_epoch(net, model, loss_fn, opt, loader, config, run, amax_params, out_dir, device)
+            _end_epoch(model, opt, config, run, lr, time.perf_counter() - t0, evaluate, out_dir, save_model, log,
+                       device)
+        result = {"history": run.history, "best_score": run.best_score, "best_epoch": run.best_epoch,
+                  "steps": config.epochs * config.iters_per_epoch, "step_losses": run.step_losses,
+                  "world_size": _world()[1], "weights_sha256": _digests_by_rank(model)}
+        finished = True
+        return result
     finally:
-        if started:
+        for p in frozen:  # the model goes back as it came
+            p.requires_grad_(True)
+        if started and finished:
+            # all processes done with their last collective before any closes its connections; after an
+            # error the group is left to the exit: tearing it down while others wait in a collective hangs
+            dist.barrier()
             dist.destroy_process_group()

@@ -5,10 +5,12 @@ and PACT rules (a float layer run on the fake-quantized values, then masked), NV
 schedule as its published dict, an uninterrupted run for resume, and a single-process step
 for the 2-process DistributedDataParallel step.
 
-This file is also the worker of the torchrun test: ``python tests/test_qat.py OUT`` under
-``torchrun --nproc_per_node=2`` trains one step and rank 0 writes ``OUT/last.pt``.
+This file is also the worker of the torchrun test: ``python tests/test_qat.py OUT BLOCKS`` under
+``torchrun --nproc_per_node=2`` trains one step supervising the comma-separated BLOCKS and rank
+0 writes ``OUT/last.pt``.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,33 +187,215 @@ def test_resume_with_other_settings_is_refused(tmp_path):
                   out_dir=tmp_path, resume=True, log=lambda s: None)
 
 
-# ----------------------------------------------------------------------------- torchrun
-DDP_CONFIG = dict(epochs=1, iters_per_epoch=1, lr=1e-3)
+# ----------------------------------------------------------------------------- what the loss trains
+def test_reached_parameters_are_the_leaves_behind_the_loss():
+    model = tiny_cnn()
+    x = images(4)
+    reached = qat.reached_parameters(model[:3](x).sum())  # conv 0 and conv 2 only
+    assert reached == {id(p) for p in (*model[0].parameters(), *model[2].parameters())}
+    model[0].weight.requires_grad_(False)
+    assert id(model[0].weight) not in qat.reached_parameters(model[:3](x).sum())
 
 
-def _one_step(out_dir):
+def test_parameters_the_loss_does_not_reach_stay_as_they_are(tmp_path):
+    """Supervising block 2 only: the Linear head gets no gradient; it is left out, not stepped."""
     teacher, student, loader = setup()
-    return qat.train(student, qat.DistillationLoss(teacher, ["2", "6"]), loader, qat.QATConfig(**DDP_CONFIG),
+    before = weights(student)
+    lines = []
+    qat.train(student, qat.DistillationLoss(teacher, ["2"]), loader, qat.QATConfig(epochs=1, iters_per_epoch=3,
+              lr=1e-2), out_dir=tmp_path, log=lines.append)
+    after = weights(student)
+    assert torch.equal(after["6.weight"], before["6.weight"]) and torch.equal(after["6.bias"], before["6.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert all(p.requires_grad for p in student.parameters())  # given back as it came
+    assert any(line.startswith("2 parameter tensors get no gradient from the loss") and "6.weight" in line
+               for line in lines), lines
+    saved = qat.load_state(tmp_path / "last.pt")
+    assert len(saved["optimizer"]["param_groups"][0]["params"]) == 4  # Adam holds the two convs only
+
+
+def test_a_loss_that_reaches_nothing_is_refused():
+    _, student, loader = setup()
+    with pytest.raises(ValueError, match="reaches no trainable parameter"):
+        qat.train(student, lambda model, batch: torch.zeros((), requires_grad=True), loader,
+                  qat.QATConfig(epochs=1, iters_per_epoch=1), log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- settings and files
+@pytest.mark.parametrize("batch, world, message", [
+    (65, 1, "the batch size 65 is larger than the training data (64 items); pass a batch size of at most 64"),
+    (8, 3, "the batch size 8 does not split over 3 processes"),
+    (66, 2, "the batch size 66 is larger than the training data (64 items)"),
+])
+def test_batches_are_checked_by_name(batch, world, message):
+    loader = DataLoader(TensorDataset(images()), batch_size=batch)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        qat.check_batches(loader, world)
+    qat.check_batches(DataLoader(TensorDataset(images()), batch_size=64 - 64 % world), world)
+
+
+def test_a_new_run_deletes_the_earlier_runs_files_but_not_a_users(tmp_path):
+    teacher, student, loader = setup()
+    loss_fn, config = qat.DistillationLoss(teacher, ["6"]), qat.QATConfig(epochs=1, iters_per_epoch=1)
+    qat.train(student, loss_fn, loader, config, out_dir=tmp_path, evaluate=lambda m: 0.0, log=lambda s: None)
+    assert (tmp_path / "best.pt").is_file()
+
+    def interrupted(model, batch):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):  # the probe of the first batch: before any step
+        qat.train(student, interrupted, loader, config, out_dir=tmp_path, log=lambda s: None)
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+    (tmp_path / "best.pt").write_text("mine")
+    with pytest.raises(ValueError, match="best.pt exists and was not written by qcourse"):
+        qat.train(student, loss_fn, loader, config, out_dir=tmp_path, log=lambda s: None)
+    assert (tmp_path / "best.pt").read_text() == "mine"
+
+
+def _damaged_checkpoints(tmp_path):
+    good = tmp_path / "good"
+    teacher, student, loader = setup()
+    qat.train(student, qat.DistillationLoss(teacher, ["6"]), loader, qat.QATConfig(epochs=1, iters_per_epoch=1),
+              out_dir=good, log=lambda s: None)
+    data = (good / "last.pt").read_bytes()
+    torch.save({"format": qat.CHECKPOINT_FORMAT, "model": Interrupt()}, tmp_path / "pickled.pt")
+    torch.save({"format": qat.CHECKPOINT_FORMAT, "model": {}}, tmp_path / "partial.pt")
+    for name, content in (("garbage.pt", b"not a checkpoint\n"), ("truncated.pt", data[: len(data) // 2]),
+                          ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+    return [tmp_path / n for n in ("garbage.pt", "truncated.pt", "empty.pt", "pickled.pt", "partial.pt")]
+
+
+def test_a_damaged_checkpoint_is_named_and_unsafe_loading_never_suggested(tmp_path):
+    for path in _damaged_checkpoints(tmp_path):
+        with pytest.raises(ValueError) as err:
+            qat.load_state(path)
+        text = str(err.value)
+        assert text.startswith(f"{path} is") and "damaged" in text and "delete it" in text, text
+        assert "weights_only" not in text and err.value.__cause__ is None, text
+
+
+# ----------------------------------------------------------------------------- devices of the processes
+@pytest.mark.parametrize("requested, world, local, count, want", [
+    ("cpu", 1, 0, 0, "cpu"),
+    ("cuda", 1, 0, 1, "cuda"),  # alone: as asked
+    ("cuda:1", 1, 0, 2, "cuda:1"),
+    ("cpu", 2, 1, 2, "cpu"),  # gloo: every process on the CPU
+    ("cuda", 2, 0, 2, "cuda:0"),
+    ("cuda", 2, 1, 2, "cuda:1"),  # NCCL: the GPU of LOCAL_RANK
+    ("cuda:1", 2, 1, 2, "cuda:1"),  # already chosen: unchanged
+    ("cuda", 8, 3, 4, "cuda:3"),  # two machines of 4 GPUs: the local rank, not the global one
+])
+def test_rank_device_gives_each_process_its_own_gpu(requested, world, local, count, want):
+    got = qat.rank_device(requested, world_size=world, local_rank=local, cuda_count=count)
+    assert got == torch.device(want)
+    assert qat.backend_for(got) == ("nccl" if got.type == "cuda" else "gloo")
+    backend = qat.backend_for(got)
+    assert qat.collective_device(backend, got) == (got if backend == "nccl" else torch.device("cpu"))
+
+
+@pytest.mark.parametrize("requested, world, local, count, message", [
+    ("cuda:0", 2, 1, 2, "'cuda:0' puts every one of the 2 processes on one GPU"),
+    ("cuda", 4, 2, 2, "LOCAL_RANK=2 of 4 needs a GPU of its own, and 2 are visible"),
+    ("meta", 2, 0, 0, "'meta' cannot train with 2 processes"),
+])
+def test_rank_device_refuses_what_nccl_cannot_run(requested, world, local, count, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        qat.rank_device(requested, world_size=world, local_rank=local, cuda_count=count)
+
+
+def test_rank_device_reads_torchruns_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert qat.rank_device("cuda", cuda_count=2) == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ValueError, match="LOCAL_RANK='x' is not a whole number"):
+        qat.rank_device("cuda", cuda_count=2)
+
+
+@pytest.fixture
+def process_group(tmp_path, request):
+    """A process group of one, with the backend of ``request.param`` (gloo or nccl)."""
+    import torch.distributed as dist
+
+    backend, device = request.param
+    qat.bind_device(torch.device(device))
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield torch.device(device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _collectives(monkeypatch, device):
+    """Run the loop's collectives, recording the device of each tensor they hand to torch.distributed."""
+    import torch.distributed as dist
+
+    seen = []
+    real_all_reduce, real_broadcast = dist.all_reduce, dist.broadcast_object_list
+
+    def all_reduce(t, *a, **k):
+        seen.append(("all_reduce", t.device))
+        return real_all_reduce(t, *a, **k)
+
+    def broadcast(objs, *a, **k):
+        seen.append(("broadcast_object_list", torch.device(k["device"])))
+        return real_broadcast(objs, *a, **k)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    assert qat._mean_over_ranks(1.5, device) == 1.5
+    assert qat._from_main({"score": 0.25}, device) == {"score": 0.25}
+    assert len(qat._digests_by_rank(tiny_cnn().to(device))) == 1
+    return seen
+
+
+@pytest.mark.parametrize("process_group", [("gloo", "cpu")], indirect=True)
+def test_collectives_use_the_cpu_with_gloo(process_group, monkeypatch):
+    seen = _collectives(monkeypatch, process_group)
+    assert seen == [("all_reduce", torch.device("cpu")), ("broadcast_object_list", torch.device("cpu"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: NCCL runs collectives on GPUs only")
+@pytest.mark.parametrize("process_group", [("nccl", "cuda:0")], indirect=True)
+def test_collectives_use_the_ranks_gpu_with_nccl(process_group, monkeypatch):
+    seen = _collectives(monkeypatch, process_group)  # a CPU tensor here: NCCL refuses it
+    assert seen == [("all_reduce", torch.device("cuda:0")), ("broadcast_object_list", torch.device("cuda:0"))]
+
+
+# ----------------------------------------------------------------------------- torchrun
+DDP_CONFIG = dict(epochs=1, iters_per_epoch=2, lr=1e-3)  # the second step is where DDP would wait
+
+
+def _one_step(out_dir, blocks=("2", "6")):
+    teacher, student, loader = setup()
+    return qat.train(student, qat.DistillationLoss(teacher, list(blocks)), loader, qat.QATConfig(**DDP_CONFIG),
                      out_dir=out_dir, log=lambda s: None)
 
 
-def test_torchrun_two_processes_match_the_single_process_step(tmp_path):
-    single = _one_step(tmp_path / "single")
+@pytest.mark.parametrize("blocks", [("2", "6"), ("2",)], ids=["head-supervised", "head-unsupervised"])
+def test_torchrun_two_processes_match_the_single_process_step(tmp_path, blocks):
+    """Two processes under DDP end where one process does; also when the loss leaves the head
+    without a gradient (DDP used to wait for it: 'Expected to have finished reduction')."""
+    single = _one_step(tmp_path / "single", blocks)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, str(tmp_path / "ddp")]
+           __file__, str(tmp_path / "ddp"), ",".join(blocks)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = qat.load_state(tmp_path / "ddp" / "last.pt")
     one = qat.load_state(tmp_path / "single" / "last.pt")
     assert ddp["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
-    for k, v in one["model"].items():  # the 2 shards of 4 images are the single batch of 8
+    for k, v in one["model"].items():  # at each step the 2 shards of 4 images are the single batch of 8
         assert torch.allclose(ddp["model"][k], v, atol=1e-6), k
     assert single["world_size"] == 1 and "world_size 2" in done.stdout
+    digests = re.search(r"weights (\w+) (\w+)", done.stdout).groups()  # both processes end with the same weights
+    assert digests[0] == digests[1], done.stdout
 
 
 if __name__ == "__main__":  # the torchrun worker
     torch.set_num_threads(1)
-    result = _one_step(Path(sys.argv[1]))
+    result = _one_step(Path(sys.argv[1]), sys.argv[2].split(","))
     if qat.is_main_process():
         print(f"world_size {result['world_size']}")
+        print("weights " + " ".join(result["weights_sha256"]))

@@ -457,8 +457,10 @@ def _add_qat(sub):
         description="Calibrate as `qcourse ptq` (or load --calibrated), then fine-tune with fake quantization in "
                     "the loop, NVIDIA's recipe: Adam, lr low-high-low by epoch, a fixed number of iterations per "
                     "epoch, label-free distillation by default. Evaluates every epoch and keeps the best; writes "
-                    "OUT/best.pt, last.pt, qat.onnx and results.json (FP32 / PTQ / QAT table). The same command "
-                    "under `torchrun --nproc_per_node=N` trains with DistributedDataParallel.")
+                    "OUT/best.pt, last.pt, qat.onnx and results.json (FP32 / PTQ / QAT table); a run that does not "
+                    "resume first deletes the earlier run's. The same command under `torchrun "
+                    "--nproc_per_node=N` trains with DistributedDataParallel (with --device cuda, each process "
+                    "on the GPU of its LOCAL_RANK).")
     _add_weights(p, "FP32 yolov7.pt, yolov7-tiny.pt or a qcourse checkpoint, also the distillation teacher")
     _add_calibrated(p, "start from this calibrated checkpoint (default: calibrate as `qcourse ptq`)")
     _add_coco(p, "training images from train2017, evaluation on val2017")

@@ -11,13 +11,18 @@ live in :mod:`qcourse.qat`; this module adds what is YOLOv7's:
   ``Detect`` head left out; :func:`detection_loss` — the YOLO loss on the labels;
 * :func:`run_qat` — FP32 and PTQ evaluated, QAT run with an evaluation every epoch, the best
   model saved and exported to ONNX, ``OUT/results.json`` with the FP32 / PTQ / QAT table.
+
+Every setting is checked before any work (the files of ``--out``, a resume, the batch size
+against the data and the memory, the calibration batches), and a folder never holds two runs'
+files: a run that does not resume deletes the earlier run's (:data:`OUTPUT_FILES`, qcourse's
+only) before it starts.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,15 +31,19 @@ import torch
 from qcourse import ptq, qat
 from qcourse.export import export_onnx
 from qcourse.tensor_quant import QuantDescriptor
-from qcourse.utils import atomic_write, is_int
+from qcourse.utils import atomic_write, check_memory, check_writable, is_int, remove_owned
 
 from . import ptq as yptq
 from .models import Detect
 
-__all__ = ["YoloQATConfig", "LOSSES", "STRESS", "calibrated_model", "distillation_loss", "detection_loss", "run_qat",
-           "recovered"]
+__all__ = ["YoloQATConfig", "LOSSES", "STRESS", "OUTPUT_FILES", "calibrated_model", "distillation_loss",
+           "detection_loss", "run_qat", "recovered"]
 
 LOSSES = ("distill", "detection")
+
+#: what :func:`run_qat` writes into ``--out``, in the order a new run deletes the earlier run's:
+#: results.json first, so that it never describes files that are about to change
+OUTPUT_FILES = ("results.json", "qat.onnx", *qat.RUN_FILES)
 
 #: lesson 7's stress setting on the embedded default: bit widths where PTQ loses > 5 mAP points,
 #: with the QAT budget that wins most of it back (``qcourse course`` and the notebook use it)
@@ -178,12 +187,44 @@ def _table(fp32: dict, ptq_row: dict, qat_row: dict, label: str) -> list:
     return [{"model": "fp32", **fp32}, {"model": f"ptq {label}", **ptq_row}, {"model": f"qat {label}", **qat_row}]
 
 
-def _baselines(config: YoloQATConfig):
-    """Load, calibrate, and (rank 0) evaluate FP32 and PTQ: the first two rows of the table."""
+def _check_data(config: YoloQATConfig, calib, fit) -> None:
+    """The batch size against the training data and the memory, and the calibration batches."""
+    qat.check_batches(fit)  # fewer images than one batch, or a batch that does not split over the processes
+    world = qat.launched_world_size()
+    n, s = config.batch_size // world, fit.dataset.img_size
+    check_memory(n * 3 * s * s * 4, f"a training batch of {n} images of {s}x{s} pixels (float32) per process",
+                 "pass a smaller --batch-size or --img-size")
+    if config.calibrated is None and len(calib) < config.calib_batches:
+        raise ValueError(f"--calib-batches {config.calib_batches} asks for more batches than the {len(calib)} of "
+                         f"{config.batch_size} training images there are; pass --calib-batches {len(calib)} or less")
+
+
+def _start(config: YoloQATConfig):
+    """The models and the data, loaded and checked (a ``--calibrated`` model too); nothing calibrated yet.
+
+    Returns ``(FP32 model, calibrated model or None (calibrate it), img_size, root, calib, fit, val)``.
+    """
     float_model = yptq.load_float_model(config.weights).to(config.device)
     img_size = config.img_size or int(float_model.meta.get("img_size", 640))
     root, calib, fit, val = _loaders(config, img_size)
-    student = calibrated_model(float_model, calib, config)
+    _check_data(config, calib, fit)
+    student = calibrated_model(float_model, calib, config) if config.calibrated is not None else None
+    return float_model, student, img_size, root, calib, fit, val
+
+
+def _clear(out: Path, resuming: bool) -> None:
+    """Delete the earlier run's files (qcourse's, unchanged): all of them, or, when resuming it, what
+    describes or derives from the weights that are about to change."""
+    for name in OUTPUT_FILES:
+        if resuming and name in qat.RUN_FILES:
+            continue
+        remove_owned(out / name)
+
+
+def _baselines(config: YoloQATConfig, float_model, student, calib, val):
+    """Calibrate (unless given a calibrated model), and (rank 0) evaluate FP32 and PTQ: the first two rows."""
+    if student is None:
+        student = calibrated_model(float_model, calib, config)
     student.requires_grad_(True)
     score, keep = _evaluator(val, config), ("map", "map50")
     fp32 = ptq_row = None
@@ -191,7 +232,7 @@ def _baselines(config: YoloQATConfig):
         fp32 = {k: v for k, v in score(float_model).items() if k in keep}
         ptq_row = {k: v for k, v in score(student).items() if k in keep}
         config.log(f"FP32 mAP {fp32['map']:.4f}; PTQ W{config.w_bits}A{config.a_bits} mAP {ptq_row['map']:.4f}")
-    return float_model, student, img_size, root, fit, val, fp32, ptq_row
+    return student, fp32, ptq_row
 
 
 def _export(out: Path, img_size: int, config: YoloQATConfig) -> Optional[str]:
@@ -208,18 +249,34 @@ def _export(out: Path, img_size: int, config: YoloQATConfig) -> Optional[str]:
 def run_qat(config: YoloQATConfig) -> Optional[dict]:
     """FP32, PTQ and QAT of one model; writes ``best.pt``, ``last.pt``, ``qat.onnx`` (W8A8 only) and ``results.json``.
 
-    Under ``torchrun`` every process calibrates the same way (deterministic) and trains on its
+    Before any work: a file of those names in ``config.out`` that qcourse did not write is
+    refused, so is a resume of a damaged or different run, a batch size the data or the
+    memory cannot hold, and a device the processes cannot share; then a run that does not
+    resume deletes the earlier run's files (results.json first). Under ``torchrun`` every
+    process calibrates the same way (deterministic) on its own device and trains on its
     shard; rank 0 evaluates, writes the files and returns the results (the others: None).
     """
     t0 = time.perf_counter()
+    requested = config
     out = Path(config.out)
-    float_model, student, img_size, root, fit, val, fp32, ptq_row = _baselines(config)
+    device = qat.rank_device(config.device)  # cuda: this process's own GPU
+    qat.bind_device(device)
+    config = replace(config, device=str(device))
+    # a damaged last.pt is said to be damaged (it is no longer qcourse's file either)
+    resuming = config.resume and qat.resume_state(out, config.qat_config()) is not None
+    if _rank0():  # rank 0 alone owns the folder: the others only read a checkpoint to resume
+        check_writable(*(out / name for name in OUTPUT_FILES))
+        out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be a folder fails here
+    float_model, student, img_size, root, calib, fit, val = _start(config)
+    if _rank0():
+        _clear(out, resuming)
+    student, fp32, ptq_row = _baselines(config, float_model, student, calib, val)
     if config.loss == "distill":
         loss_fn = distillation_loss(float_model, student, config.supervision_stride, config.device)
     else:
         loss_fn = detection_loss(student, img_size, config.device)
     res = qat.train(student, loss_fn, fit, config.qat_config(), evaluate=_evaluator(val, config),
-                    out_dir=out, resume=config.resume, device=config.device, log=config.log,
+                    out_dir=out, resume=resuming, device=config.device, log=config.log,
                     save_model=_save({"img_size": img_size, "w_bits": config.w_bits, "a_bits": config.a_bits}))
     if not _rank0():
         return None
@@ -227,9 +284,10 @@ def run_qat(config: YoloQATConfig) -> Optional[dict]:
     qat_row = {k: v for k, v in res["history"][res["best_epoch"] - 1].items() if k in ("map", "map50")}
     label = f"W{config.w_bits}A{config.a_bits}"
     results = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "log"},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(requested).items() if k != "log"},
         "data": str(root), "img_size": img_size, "history": res["history"], "best_epoch": res["best_epoch"],
-        "world_size": res["world_size"], "table": _table(fp32, ptq_row, qat_row, label),
+        "world_size": res["world_size"], "weights_sha256": res["weights_sha256"],
+        "table": _table(fp32, ptq_row, qat_row, label),
         "recovered": recovered(fp32["map"], ptq_row["map"], qat_row["map"]),
         "onnx": onnx, "placement_problems": len(ptq.check_qdq_placement(out / onnx)) if onnx else None,
         "wall_s": round(time.perf_counter() - t0, 1),

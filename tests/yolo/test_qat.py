@@ -2,8 +2,13 @@
 
 Oracles: the FP32 model itself (the distillation loss is exactly zero with quantization off),
 YoloLoss called directly, an independent evaluation of the saved best.pt, the ONNX graph.
+The refusals (a user's file in --out, a damaged checkpoint to resume, a batch larger than the
+data, an --out that cannot be a folder) must come before any model is loaded or calibrated:
+the tests make loading or calibrating fail loudly.
 """
 import json
+import os
+from fractions import Fraction
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ import torch
 from qcourse import workflow
 from qcourse.course.cli import main
 from qcourse.export import list_qdq_nodes, load_onnx
+from qcourse.utils import OWNED_LIST
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import qat as yqat
 from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
@@ -59,7 +65,7 @@ def test_cli_runs_end_to_end_and_best_reloads_with_its_map(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in res["table"]] == ["fp32", "ptq W8A8", "qat W8A8"]
     assert len(res["history"]) == 1 and {"loss", "map", "map50", "lr"} <= set(res["history"][0])
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "qat.onnx", "results.json"]
+    assert names(out) == ["best.pt", "last.pt", "qat.onnx", "results.json"]
     # the saved best model, reloaded as a calibrated checkpoint, scores what was recorded
     best = yptq.load_quantized(out / "best.pt")
     val = create_dataloader(ensure_default_dataset(progress=False), "val", img_size=160, batch_size=32)
@@ -71,6 +77,114 @@ def test_cli_runs_end_to_end_and_best_reloads_with_its_map(tmp_path, capsys):
     rc = main(["qat", "--calibrated", str(out / "best.pt"), "--w-bits", "4", "--out", str(tmp_path / "again")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--w-bits 8 --a-bits 8" in err, err
+
+
+def names(folder):
+    """The files in ``folder``, without qcourse's list of its own files."""
+    return sorted(p.name for p in folder.iterdir() if p.name != OWNED_LIST)
+
+
+def test_a_rerun_never_leaves_the_earlier_runs_files(tmp_path, monkeypatch, capsys):
+    """A W4 rerun into a W8A8 run's folder leaves no W8A8 qat.onnx; an interrupted rerun leaves none
+    of the earlier run's files; a user's file stays."""
+    out = tmp_path / "qat"
+    quick = ["qat", "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4", "--calib-batches", "1",
+             "--eval-batches", "1", "--out", str(out)]
+    assert main(quick) == 0
+    (out / "notes.txt").write_text("mine")
+    assert names(out) == ["best.pt", "last.pt", "notes.txt", "qat.onnx", "results.json"]
+    assert main([*quick, "--w-bits", "4"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["onnx"] is None and res["table"][1]["model"] == "ptq W4A8"
+    assert names(out) == ["best.pt", "last.pt", "notes.txt", "results.json"]
+    assert yptq.load_quantized(out / "best.pt").ptq_info["weight_desc"]["num_bits"] == 4
+
+    def interrupted(*args, **kwargs):  # the new run stops before its first file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(yqat, "calibrated_model", interrupted)
+    assert main(quick) == 130
+    assert names(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading or calibrating a model fails the test: a refusal must come first."""
+    from qcourse import ptq
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(yptq, "load_float_model", work)
+    monkeypatch.setattr(ptq, "calibrate", work)
+
+
+def _one_line_error(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("qcourse: error: ") and err.count("\n") == 1, (rc, err)
+    return err
+
+
+@pytest.mark.parametrize("name", ["results.json", "best.pt", "last.pt", "qat.onnx"])
+def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, capsys, no_work, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine")
+    err = _one_line_error(["qat", "--out", str(out)], capsys)
+    assert f"{out / name} exists and was not written by qcourse" in err, err
+    assert (out / name).read_text() == "mine"
+
+
+def test_a_damaged_checkpoint_to_resume_is_named_in_one_line(tmp_path, capsys, no_work):
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"format": "qcourse.qat", "model": Fraction(1, 3)}, out / "pickled.pt")  # not plain data
+    for content in (b"garbage", (out / "pickled.pt").read_bytes()):
+        (out / "last.pt").write_bytes(content)
+        err = _one_line_error(["qat", "--resume", "--out", str(out)], capsys)
+        assert f"{out / 'last.pt'} is damaged" in err and "delete it" in err, err
+        assert "weights_only" not in err, err
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--batch-size", "5000"], {}, "the batch size 5000 is larger than the training data (2000 items); pass a "
+                                   "batch size of at most 2000"),
+    (["--batch-size", "5"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+     "the batch size 5 does not split over 2 processes"),
+    (["--batch-size", "1000", "--calib-batches", "3"], {}, "--calib-batches 3 asks for more batches than the 2"),
+])
+def test_settings_are_checked_before_calibration(tmp_path, capsys, monkeypatch, args, env, message):
+    from qcourse import ptq
+
+    def work(*a, **k):
+        raise AssertionError("calibration started before the settings were checked")
+
+    monkeypatch.setattr(ptq, "calibrate", work)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    err = _one_line_error(["qat", *args, "--out", str(tmp_path / "out")], capsys)
+    assert message in err, err
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, no_work):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = _one_line_error(["qat", "--out", str(blocker / "out")], capsys)  # NotADirectoryError, also for root
+    assert str(blocker / "out") in err, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_is_one_line(tmp_path, capsys, no_work):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        err = _one_line_error(["qat", "--out", str(ro / "out")], capsys)
+    finally:
+        ro.chmod(0o700)
+    assert "permission denied" in err.lower() and str(ro / "out") in err, err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -102,7 +216,7 @@ def test_resumed_cli_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypat
 
         def wrapped(model, batch):
             calls[0] += 1
-            if calls[0] == 3:
+            if calls[0] == 4:  # the first call is qcourse.qat.train's look at which parameters the loss reaches
                 raise KeyboardInterrupt
             return loss(model, batch)
         return wrapped
