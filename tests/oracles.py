@@ -13,3 +13,23 @@ def np_quant(x, amax, num_bits=8, unsigned=False, narrow_range=True):
     codes = np.clip(np.rint(x / step), min_bound, max_bound).astype(np.float32)
     codes = np.where(tiny, np.float32(0), codes).astype(np.float32)
     return codes, (codes * step).astype(np.float32), step
+
+
+def coco_eval(gt_dict, dets):
+    """pycocotools' COCOeval (bbox) of ``dets`` (rows image_id, x, y, w, h, score, category_id) against
+    the ground truth ``gt_dict`` in COCO form, after evaluate / accumulate / summarize, quietly."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev

@@ -8,17 +8,15 @@ prints (the tables, ``claims``) is checked against :func:`qcourse.yolo.intervals
 :func:`~qcourse.yolo.intervals.bootstrap` run here on the stored tables, against pycocotools'
 own mAP, and against the verdict rule written out here.
 """
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from qcourse.course import report, stages
 from qcourse.yolo import intervals
+
+from oracles import coco_eval as _evaluated
 
 N_IMAGES, N_CATS = 40, 3
 
@@ -49,18 +47,6 @@ def _detections(gt, seed, found, jitter):
             dets.append([i, *rng.uniform(0, 150, 2), *rng.uniform(5, 40, 2), rng.uniform(0, 0.6),
                          int(rng.integers(1, N_CATS + 1))])
     return np.array(dets, dtype=np.float64)
-
-
-def _evaluated(gt, dets):
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
 
 
 #: (seed, fraction of objects found, box jitter in px) of each made-up model: mse a copy of FP32 but for

@@ -5,9 +5,10 @@ import io
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from qcourse.yolo import intervals
+
+from oracles import coco_eval as _coco_eval
 
 
 def _dataset(seed=0, n_images=30, n_cats=3):
@@ -30,18 +31,6 @@ def _dataset(seed=0, n_images=30, n_cats=3):
                          int(rng.integers(1, n_cats + 1))])
     cats = [{"id": c, "name": f"c{c}"} for c in range(1, n_cats + 1)]
     return {"images": images, "annotations": anns, "categories": cats}, np.array(dets, dtype=np.float64)
-
-
-def _coco_eval(gt_dict, dets):
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = gt_dict
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
 
 
 def _duplicated(gt_dict, dets, counts):
