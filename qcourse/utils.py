@@ -145,11 +145,11 @@ def _folder_lock(folder: Path):
 def _read_owned(folder: Path) -> dict:
     """The folder's list of qcourse's files ``{name: sha256}`` (empty where there is none or it is damaged)."""
     path = folder / OWNED_LIST
+    if path.is_symlink() or not path.is_file():
+        return {}
     try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > _OWNED_LIST_MAX:
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = load_json(path, _OWNED_LIST_MAX, "qcourse's list of its files", "move it away")
+    except (InputFileError, OSError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict):

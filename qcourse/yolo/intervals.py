@@ -198,8 +198,7 @@ def interval(samples: np.ndarray, level: float = 0.95) -> List[float]:
 def bootstrap(table: MatchTable, n: int = 1000, seed: int = 0, level: float = 0.95,
               metric: str = "map") -> Dict[str, object]:
     """``{"value", "interval", "n"}``: the mAP of ``table`` and its bootstrap interval over images."""
-    samples = score(table, resample(table.n_images, n, seed))[metric]
-    return {"value": score(table)[metric], "interval": interval(samples, level), "n": n}
+    return Resampled(table, n, seed, metric).bootstrap(level)
 
 
 def _check_same_images(a: MatchTable, b: MatchTable) -> None:
@@ -212,9 +211,7 @@ def paired(a: MatchTable, b: MatchTable, n: int = 1000, seed: int = 0, level: fl
            metric: str = "map") -> Dict[str, object]:
     """``{"diff", "interval", "n"}``: mAP(a) - mAP(b) and its paired bootstrap interval (same draws)."""
     _check_same_images(a, b)
-    w = resample(a.n_images, n, seed)
-    diff = score(a, w)[metric] - score(b, w)[metric]
-    return {"diff": score(a)[metric] - score(b)[metric], "interval": interval(diff, level), "n": n}
+    return Resampled(a, n, seed, metric).minus(Resampled(b, n, seed, metric), level)
 
 
 class Resampled:
