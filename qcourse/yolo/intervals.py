@@ -242,6 +242,28 @@ class Resampled:
                 "n": self.n}
 
 
+    def recovered(self, start: "Resampled", target: "Resampled", level: float = 0.95) -> Dict[str, object]:
+        """``{"share", "interval", "n", "gap"}``: the share of the gap from ``start`` to ``target`` this table closes.
+
+        ``share = (self - start) / (target - start)`` (e.g. QAT's gain over PTQ as a share of what
+        PTQ lost to FP32; 1 is all of it), its interval from the same draws, each sample's ratio
+        of paired differences; ``gap`` is ``target - start`` with its paired interval. A gap
+        whose interval holds 0 leaves the share undefined: it is refused.
+        """
+        for other in (start, target):
+            self.minus(other)  # the same images and draws, or a clear error
+        gap = target.minus(start, level)
+        if gap["interval"][0] <= 0.0 <= gap["interval"][1]:
+            raise ValueError(f"the gap to recover ({gap['diff']:+.4f}, interval [{gap['interval'][0]:+.4f}, "
+                             f"{gap['interval'][1]:+.4f}]) is within noise, so no share of it can be measured; "
+                             "compare in a setting where the start is significantly below the target")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = (self.samples - start.samples) / (target.samples - start.samples)
+        ratios = ratios[np.isfinite(ratios)]
+        return {"share": (self.value - start.value) / (target.value - start.value),
+                "interval": interval(ratios, level), "n": self.n, "gap": gap}
+
+
 def verdict(published_diff: float, measured_interval: Sequence[float]) -> str:
     """How a measured difference stands against a published one (same sign convention).
 

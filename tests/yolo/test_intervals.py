@@ -150,3 +150,40 @@ def test_evaluate_returns_the_matches_its_map_came_from(small_dataset):
     nothing = evaluate(lambda x: torch.zeros(x.shape[0], 10, 11), create_dataloader(root, "val", img_size=160),
                        progress=False, matches=True)
     assert nothing["matches"].gt.sum() == table.gt.sum() and intervals.score(nothing["matches"])["map"] == 0.0
+
+
+def _noisier(dets, sigma, seed=0):
+    """The same detections with boxes ``sigma`` px further off: a worse model on the same images."""
+    worse = dets.copy()
+    worse[:, 1:5] += np.random.default_rng(seed).normal(0, sigma, (len(worse), 4))
+    return worse
+
+
+def test_recovered_share_is_the_ratio_of_paired_differences_sample_by_sample():
+    gt, dets = _dataset(seed=7, n_images=120)
+    target, start, middle = (intervals.Resampled(intervals.match_table(_coco_eval(gt, d)), n=200, seed=3)
+                             for d in (dets, _noisier(dets, 8), _noisier(dets, 3)))
+    res = middle.recovered(start, target)
+    maps = {name: _coco_eval(gt, d).stats[0] for name, d in (("t", dets), ("s", _noisier(dets, 8)),
+                                                               ("m", _noisier(dets, 3)))}
+    assert res["share"] == pytest.approx((maps["m"] - maps["s"]) / (maps["t"] - maps["s"]), abs=1e-12)
+    assert 0.0 < res["share"] < 1.0 and res["interval"][0] <= res["share"] <= res["interval"][1]
+    # one bootstrap sample, scored by pycocotools on the duplicated images
+    counts = intervals.resample(120, n=200, seed=3)[0]
+    s = {name: _coco_eval(*_duplicated(gt, d, counts)).stats[0]
+         for name, d in (("t", dets), ("s", _noisier(dets, 8)), ("m", _noisier(dets, 3)))}
+    expected = (middle.samples - start.samples) / (target.samples - start.samples)
+    assert expected[0] == pytest.approx((s["m"] - s["s"]) / (s["t"] - s["s"]), abs=1e-9)
+    assert res["interval"] == intervals.interval(expected)
+    assert res["gap"]["diff"] == pytest.approx(maps["t"] - maps["s"], abs=1e-12) and res["gap"]["interval"][0] > 0
+    assert target.recovered(start, target)["share"] == 1.0 and start.recovered(start, target)["share"] == 0.0
+
+
+def test_recovered_share_is_refused_when_there_is_no_significant_gap():
+    gt, dets = _dataset(seed=8, n_images=60)
+    same = intervals.Resampled(intervals.match_table(_coco_eval(gt, dets)), n=100)
+    with pytest.raises(ValueError, match="within noise"):
+        same.recovered(same, same)
+    other = intervals.Resampled(intervals.match_table(_coco_eval(*_dataset(seed=8, n_images=40))), n=100)
+    with pytest.raises(ValueError, match="same images"):
+        same.recovered(other, same)
