@@ -56,7 +56,6 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -64,7 +63,6 @@ import numpy as np
 import torch
 
 from qcourse import ptq, qat, sensitivity
-from qcourse.tensor_quant import QuantDescriptor
 from qcourse.yolo import intervals
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import qat as yqat
@@ -88,30 +86,15 @@ MIN_QAT_SHARE = 0.7  # QAT wins back >= 70 % of the PTQ loss
 
 
 # ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class Setting:
-    """Bit widths and weight granularity of one quantization setting (activations are per tensor)."""
+Setting = yptq.Setting
 
-    w_bits: int
-    per_channel: bool
-    a_bits: int
 
-    @classmethod
-    def parse(cls, text: str) -> "Setting":
-        m = re.fullmatch(r"w(\d)(pc|pt)a(\d)", text.strip().lower())
-        if not m or not (2 <= int(m[1]) <= 8 and 2 <= int(m[3]) <= 8):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a setting like W8pcA5 (weight bits 2-8, pc = "
-                                             "per-channel or pt = per-tensor weights, activation bits 2-8)")
-        return cls(int(m[1]), m[2] == "pc", int(m[3]))
-
-    @property
-    def name(self) -> str:
-        return f"W{self.w_bits}{'pc' if self.per_channel else 'pt'}A{self.a_bits}"
-
-    def descriptors(self):
-        """``(input, weight)`` descriptors for :func:`qcourse.yolo.ptq.quantize`."""
-        return (QuantDescriptor(num_bits=self.a_bits, calib_method="histogram"),
-                QuantDescriptor(num_bits=self.w_bits, axis=0 if self.per_channel else None))
+def parse_setting(text: str) -> Setting:
+    """``W8pcA6`` -> :class:`qcourse.yolo.ptq.Setting` (an argparse error for anything else)."""
+    try:
+        return Setting.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_qat_runs(text: str) -> List[dict]:
@@ -658,7 +641,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="settings the screen compares")
     p.add_argument("--methods", default=",".join(ptq.METHODS), help="calibration methods the screen compares")
-    p.add_argument("--setting", type=Setting.parse, default=Setting.parse(DEFAULT_SETTING),
+    p.add_argument("--setting", type=parse_setting, default=parse_setting(DEFAULT_SETTING),
                    help="the setting of the sensitivity and QAT steps")
     p.add_argument("--method", choices=ptq.METHODS, default=DEFAULT_METHOD, help="amax method of those steps")
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 32 training images")
@@ -680,7 +663,7 @@ def main(argv=None) -> int:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         p.error(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
-    candidates = [Setting.parse(c) for c in args.candidates.split(",") if c.strip()]
+    candidates = [parse_setting(c) for c in args.candidates.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ptq.METHODS for m in methods):
         p.error(f"--methods must be some of {', '.join(ptq.METHODS)}, got {args.methods!r}")

@@ -9,6 +9,9 @@ The model-agnostic steps live in :mod:`qcourse.ptq`; this module adds what is YO
   the index of its ``Detect`` layer, ``model.77`` in YOLOv7-tiny, ``model.105`` in YOLOv7);
 * :func:`quantize` — histogram-calibrated inputs, per-channel max weights, the ignore policy
   checked against the model, TensorRT's placement rules;
+* :class:`Setting` — bit widths and weight granularity, by name (``W8pcA6``), and the embedded
+  default's stress settings :data:`METHOD_STRESS` and :data:`SENSITIVITY_STRESS`; :func:`calibrated`
+  quantizes and calibrates a model at one;
 * :func:`save_quantized` / :func:`load_quantized` — calibrated checkpoints (plain tensors and
   JSON-able data, ``torch.load(weights_only=True)`` reads them) that reload with identical
   outputs, ties and amax included;
@@ -44,7 +47,7 @@ from .models.checkpoint import (QUANTIZED_FORMAT, CheckpointError, float_model_f
 __all__ = [
     "PTQConfig", "load_float_model", "default_ignore", "quantizable_layers", "check_ignore", "quantize",
     "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "output_files", "loaders",
-    "QUANTIZED_FORMAT_VERSION",
+    "QUANTIZED_FORMAT_VERSION", "Setting", "METHOD_STRESS", "SENSITIVITY_STRESS", "calibrated",
 ]
 
 QUANTIZED_FORMAT_VERSION = 1
@@ -91,6 +94,71 @@ class PTQConfig:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
             raise ValueError(f"eval_batches must be a whole number >= 1 or None, got {self.eval_batches!r}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a model is quantized: weight bits, per-channel (axis 0) or per-tensor weights (max
+    calibration either way), activation bits (per tensor, histogram calibration, amax by ``method``).
+
+    Named like ``W8pcA6`` (``pc`` per-channel, ``pt`` per-tensor weights): :meth:`parse` reads the
+    name, :attr:`name` writes it. ``Setting()`` is what TensorRT runs: W8pcA8.
+    """
+
+    w_bits: int = 8
+    per_channel: bool = True
+    a_bits: int = 8
+    method: str = "mse"
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise ValueError(f"{name} must be a whole number of bits from 2 to 8, got {value!r}")
+        if self.method not in ptq.METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose from {', '.join(ptq.METHODS)}")
+
+    @classmethod
+    def parse(cls, text: str, method: str = "mse") -> "Setting":
+        m = re.fullmatch(r"w(\d)(pc|pt)a(\d)", str(text).strip().lower())
+        if not m or not (2 <= int(m[1]) <= 8 and 2 <= int(m[3]) <= 8):
+            raise ValueError(f"{text!r} is not a setting like W8pcA6 (weight bits 2-8, pc = per-channel or pt = "
+                             "per-tensor weights, activation bits 2-8)")
+        return cls(int(m[1]), m[2] == "pc", int(m[3]), method)
+
+    @property
+    def name(self) -> str:
+        return f"W{self.w_bits}{'pc' if self.per_channel else 'pt'}A{self.a_bits}"
+
+    def descriptors(self) -> Tuple[QuantDescriptor, QuantDescriptor]:
+        """``(input, weight)`` descriptors for :func:`quantize`."""
+        return (QuantDescriptor(num_bits=self.a_bits, calib_method="histogram"),
+                QuantDescriptor(num_bits=self.w_bits, axis=0 if self.per_channel else None))
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "w_bits": self.w_bits, "per_channel": self.per_channel, "a_bits": self.a_bits,
+                "method": self.method}
+
+
+#: lesson 5's stress setting on the embedded default: 6-bit activations, where the calibration method
+#: decides the result (max loses about 10 points more than the best histogram method on 250 val images,
+#: ``tools/measure_settings.py``); at 8 bits every method is within noise of FP32 there
+METHOD_STRESS = Setting(8, True, 6)
+#: lesson 6's stress setting on the embedded default: 4-bit activations, amax by entropy, where
+#: quantization costs about 20 points and some layers matter much more than others
+SENSITIVITY_STRESS = Setting(8, True, 4, "entropy")
+
+
+def calibrated(model: Model, setting: Setting, calib, calib_batches: int, ignore: Optional[Sequence[str]] = None,
+               device="cpu", progress: bool = False) -> Model:
+    """A quantized copy of the fused ``model`` at ``setting``, calibrated on ``calib_batches`` batches of
+    ``calib`` with ``setting.method``'s amax (head in float unless ``ignore`` says otherwise; tied)."""
+    input_desc, weight_desc = setting.descriptors()
+    qmodel, _ = quantize(model, ignore, input_desc=input_desc, weight_desc=weight_desc)
+    qmodel.to(device)
+    ptq.calibrate(qmodel, calib, calib_batches, device=device, progress=progress)
+    ptq.load_amax(qmodel, setting.method)
+    return qmodel.eval()
 
 
 # ----------------------------------------------------------------------------- the model

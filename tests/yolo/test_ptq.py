@@ -230,3 +230,30 @@ def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, name, monkeypa
     assert err.count("\n") == 1 and str(mine) in err and "was not written by qcourse" in err
     assert mine.read_text() == "the user's own file"
 
+
+
+def test_settings_are_named_parsed_and_checked():
+    s = yptq.Setting.parse(" w4ptA6 ", method="entropy")
+    assert (s.w_bits, s.per_channel, s.a_bits, s.method, s.name) == (4, False, 6, "entropy", "W4ptA6")
+    inp, w = s.descriptors()
+    assert (inp.num_bits, inp.calib_method, w.num_bits, w.axis) == (6, "histogram", 4, None)
+    assert yptq.Setting().name == "W8pcA8" and yptq.Setting().descriptors()[1].axis == 0
+    assert yptq.METHOD_STRESS.name == "W8pcA6" and yptq.SENSITIVITY_STRESS.as_dict()["method"] == "entropy"
+    for bad in ("W9pcA8", "W8xxA8", "8/8", "W1pcA8"):
+        with pytest.raises(ValueError, match="is not a setting like W8pcA6"):
+            yptq.Setting.parse(bad)
+    with pytest.raises(ValueError, match="a_bits must be a whole number of bits from 2 to 8, got 9"):
+        yptq.Setting(8, True, 9)
+    with pytest.raises(ValueError, match="unknown calibration method 'minmax'"):
+        yptq.Setting(method="minmax")
+
+
+def test_calibrated_at_a_setting_rounds_on_its_grid(data):
+    """Every quantized input of the W8ptA5 model takes at most 2^5 levels; weights 2^8, one amax per tensor."""
+    qm = yptq.calibrated(yptq.load_float_model(), yptq.Setting(8, False, 5, "max"), data[0], 1)
+    conv = qm.model[2].conv
+    x = torch.randn(2, conv.in_channels, 12, 12) * 3
+    assert len(torch.unique(conv._input_quantizer(x))) <= 2 ** 5
+    assert conv._weight_quantizer.amax.numel() == 1
+    assert float(conv._weight_quantizer.amax) == pytest.approx(float(conv.weight.abs().max()))
+    assert len(torch.unique(conv._weight_quantizer(conv.weight))) <= 2 ** 8
