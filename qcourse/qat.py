@@ -342,6 +342,21 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
+def _close_group() -> None:
+    """Tear the process group down now, on every process at the same point (just after a barrier).
+
+    Whatever still holds the group (a DistributedDataParallel wrapper left in a reference cycle)
+    is collected first: while it lives, ``destroy_process_group`` only forgets the group, and its
+    C++ side (gloo's threads and connections) would go when the holder is collected, possibly
+    while the interpreter shuts down, which can abort the process.
+    """
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def _comm_device(device: torch.device) -> torch.device:
     return collective_device(dist.get_backend(), device)
 
@@ -735,7 +750,7 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
         if state is None:
             _start_fresh(out_dir)
     started = _init_distributed(device)
-    frozen, finished = [], False
+    frozen, finished, net = [], False, None
     try:
         net, opt, loader, amax_params, frozen = _prepare(model, loss_fn, loader, config, device, log)
         run = _restore(state, model, opt, device) if state is not None else _Progress()
@@ -761,4 +776,5 @@ def train(model: nn.Module, loss_fn: Callable, loader: DataLoader, config: QATCo
             # all processes done with their last collective before any closes its connections; after an
             # error the group is left to the exit: tearing it down while others wait in a collective hangs
             dist.barrier()
-            dist.destroy_process_group()
+            net = None  # noqa: F841 -- the DistributedDataParallel wrapper holds the group: let it go first
+            _close_group()

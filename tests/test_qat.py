@@ -379,11 +379,16 @@ def test_torchrun_two_processes_match_the_single_process_step(tmp_path, blocks):
     without a gradient (DDP used to wait for it: 'Expected to have finished reduction')."""
     single = _one_step(tmp_path / "single", blocks)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, str(tmp_path / "ddp"), ",".join(blocks)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for attempt in ("ddp", "ddp-again"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               __file__, str(tmp_path / attempt), ",".join(blocks)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        # A native abort in torch's gloo teardown ("terminate called without an active exception",
+        # seen once in about a hundred runs) gets one more try; a second one, or any other failure, fails.
+        if done.returncode == 0 or "terminate called" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
-    ddp = qat.load_state(tmp_path / "ddp" / "last.pt")
+    ddp = qat.load_state(tmp_path / attempt / "last.pt")
     one = qat.load_state(tmp_path / "single" / "last.pt")
     assert ddp["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
     for k, v in one["model"].items():  # at each step the 2 shards of 4 images are the single batch of 8
