@@ -9,9 +9,7 @@ This file is also the worker of the torchrun test: ``python tests/test_qat.py OU
 ``torchrun --nproc_per_node=2`` trains one step supervising the comma-separated BLOCKS and rank
 0 writes ``OUT/last.pt``.
 """
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -377,18 +375,12 @@ def _one_step(out_dir, blocks=("2", "6")):
 def test_torchrun_two_processes_match_the_single_process_step(tmp_path, blocks):
     """Two processes under DDP end where one process does; also when the loss leaves the head
     without a gradient (DDP used to wait for it: 'Expected to have finished reduction')."""
+    from cli_helpers import torchrun
+
     single = _one_step(tmp_path / "single", blocks)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for attempt in ("ddp", "ddp-again"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               __file__, str(tmp_path / attempt), ",".join(blocks)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        # A native abort in torch's gloo teardown ("terminate called without an active exception",
-        # seen once in about a hundred runs) gets one more try; a second one, or any other failure, fails.
-        if done.returncode == 0 or "terminate called" not in done.stderr:
-            break
+    done = torchrun([__file__, str(tmp_path / "ddp"), ",".join(blocks)], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    ddp = qat.load_state(tmp_path / attempt / "last.pt")
+    ddp = qat.load_state(tmp_path / "ddp" / "last.pt")
     one = qat.load_state(tmp_path / "single" / "last.pt")
     assert ddp["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
     for k, v in one["model"].items():  # at each step the 2 shards of 4 images are the single batch of 8

@@ -10,13 +10,13 @@ The same on two GPUs (NCCL, one GPU per process) where a machine has them.
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import torchrun
 from qcourse.utils import OWNED_LIST
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import qat as yqat
@@ -33,10 +33,7 @@ def _qcourse() -> str:
 
 
 def _torchrun(args, nproc: int = 2, timeout: int = 300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--no-python", _qcourse(), "qat", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return torchrun(["--no-python", _qcourse(), "qat", *args], nproc, timeout)
 
 
 def _calibrated_start():
