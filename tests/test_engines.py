@@ -322,6 +322,7 @@ def test_summarize_matches_numpy():
     assert s["latency_ms_median"] == pytest.approx(12.0)
     assert s["latency_ms_p90"] == pytest.approx(np.percentile(times * 1e3, 90))
     assert s["latency_ms_p99"] == pytest.approx(np.percentile(times * 1e3, 99))
+    assert (s["latency_ms_min"], s["latency_ms_max"]) == (pytest.approx(10.0), pytest.approx(30.0))
     assert s["throughput_img_s"] == pytest.approx(8 / 0.012)
 
 

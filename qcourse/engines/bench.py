@@ -39,10 +39,11 @@ def time_calls(fn: Callable[[], object], iterations: int, warmup: int = 3) -> np
 
 
 def summarize(times: np.ndarray, batch: int) -> Dict[str, float]:
-    """trtexec's summary numbers from per-call seconds: latency ms median / p90 / p99, mean, images/s."""
+    """trtexec's summary numbers from per-call seconds: latency ms min / median / p90 / p99 / max, mean, images/s."""
     ms = 1e3 * np.asarray(times)
     median = float(np.median(ms))
     return {"batch": batch, "iterations": int(ms.size), "latency_ms_median": median,
+            "latency_ms_min": float(ms.min()), "latency_ms_max": float(ms.max()),
             "latency_ms_p90": float(np.percentile(ms, 90)), "latency_ms_p99": float(np.percentile(ms, 99)),
             "latency_ms_mean": float(ms.mean()), "throughput_img_s": 1e3 * batch / median}
 
