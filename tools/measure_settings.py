@@ -310,31 +310,8 @@ def screen(run: Run, setting: Setting, methods: Sequence[str] = ptq.METHODS) -> 
 
 
 # ----------------------------------------------------------------------------- lesson 6: sensitivity
-def halves(n: int, seed: int, count: int, size: Optional[int] = None) -> np.ndarray:
-    """(2 * count, n) indicator weights: rows 2i and 2i + 1 split the images at random into ``size``
-    (default: half) and the rest, a new split for each i."""
-    rng = np.random.default_rng(seed)
-    size = n // 2 if size is None else size
-    w = np.zeros((2 * count, n))
-    for i in range(count):
-        perm = rng.permutation(n)
-        w[2 * i, perm[:size]] = 1.0
-        w[2 * i + 1, perm[size:]] = 1.0
-    return w
-
-
-def split_rhos(layer_tables: Sequence, int8, w: np.ndarray) -> tuple:
-    """``(drops (layers, rows), rho of each split)``: each layer's drop on every row of ``w``, and the
-    Spearman correlation of the two rankings of each split (rows 2i, 2i + 1)."""
-    s_int8 = intervals.score(int8, w)["map"]
-    drops = np.stack([intervals.score(t, w)["map"] - s_int8 for t in layer_tables])
-    return drops, np.array([spearman(drops[:, 2 * i], drops[:, 2 * i + 1]) for i in range(w.shape[0] // 2)])
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b)[0])
+# the split-half machinery is the package's (the course's sensitivity stage and lesson 6 use the same code)
+from qcourse.yolo.sensitivity import halves, split_rhos  # noqa: E402
 
 
 def within(run: Run, table, half: np.ndarray) -> np.ndarray:

@@ -365,14 +365,27 @@ def _summary_demo(r: dict) -> str:
 
 
 def _summary_ptq(r: dict) -> str:
-    return (f"mAP FP32 {r['fp32']['map']:.4f}; INT8 " +
+    line = (f"mAP FP32 {r['fp32']['map']:.4f}; INT8 " +
             ", ".join(f"{m} {row['map']:.4f}" for m, row in r["int8"].items()))
+    gap = r.get("method_gap")
+    if gap:
+        lo, hi = gap["interval"]
+        line += (f"; at {gap['setting']['name'] if isinstance(gap['setting'], dict) else gap['setting']} "
+                 f"{gap['best_method']} minus max {gap['gap']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    return line
 
 
 def _summary_sensitivity(r: dict) -> str:
+    # "most sensitive" only where the ranking passed every test (qcourse.yolo.sensitivity.CRITERIA)
     top = ", ".join(row["layer"] for row in r["top"][:3])
     ks = ", ".join(f"k={row['k']} {row['map']:.4f}" for row in r["map_vs_k"])
-    return f"{r['layers_scanned']} layers on {r['images']} images; most sensitive {top}; top-k in float: {ks}"
+    sh, topk = r["split_half_rho"], r["topk"]
+    rho = "n/a" if sh["rho"] is None else f"{sh['rho']:.2f}"
+    share = "n/a" if topk["recovered_share"] is None else f"{topk['recovered_share']:.2f}"
+    title = "most sensitive" if r["holds"] else "ranked first (criteria not all met)"
+    return (f"{r['setting']['name']}: loss {r['loss']['diff']:+.4f} [{r['loss']['interval'][0]:+.4f}, "
+            f"{r['loss']['interval'][1]:+.4f}]; {r['layers_scanned']} layers on {r['images']} images; {title}: {top}; "
+            f"split-half rho {rho}; top-{topk['k']} share {share}; top-k in float: {ks}")
 
 
 def _summary_qat(r: dict) -> str:
@@ -380,6 +393,10 @@ def _summary_qat(r: dict) -> str:
     for res in r["runs"].values():
         ptq_row, qat_row = res["table"][1], res["table"][2]
         parts.append(f"{qat_row['model'].split()[-1]}: PTQ {ptq_row['map']:.4f} -> QAT {qat_row['map']:.4f}")
+    share = r.get("recovered_share") or {}
+    if share.get("share") is not None:
+        lo, hi = share["interval"]
+        parts.append(f"{share['run']} won back {share['share']:.2f} [{lo:.2f}, {hi:.2f}] of PTQ's loss")
     return "; ".join(parts)
 
 
@@ -412,11 +429,13 @@ STAGES: Tuple[Stage, ...] = (
           lambda r: f"FP32 mAP {r['fp32']['map']:.4f} on {r['fp32']['images']} images", _inputs("eval_batches")),
     Stage("ptq", "PTQ with each calibration method (lesson 5)", stages.ptq, _summary_ptq,
           _inputs("eval_batches", "calib_batches")),
-    Stage("sensitivity", "sensitivity scan and re-quantization with the top-k layers in float (lesson 6)",
-          stages.sensitivity, _summary_sensitivity,
-          lambda c, nb: {"scan_batches": c.scan_batches, "scan_layers": c.scan_layers, "ks": stages.SENSITIVITY_KS},
-          needs=("ptq",), resumable=True),
-    Stage("qat", "short QAT at W8A8 and at lesson 7's stress setting (lesson 7)", stages.qat, _summary_qat,
+    Stage("sensitivity", "sensitivity scan at lesson 6's stress setting, top-k layers in float, the ranking tested "
+          "(lesson 6)", stages.sensitivity, _summary_sensitivity,
+          lambda c, nb: {"scan_batches": c.scan_batches, "scan_layers": c.scan_layers, "ks": stages.SENSITIVITY_KS,
+                         "calib_batches": c.calib_batches, "seed": c.seed, "setting": "W8pcA4 entropy",
+                         "bootstrap": stages.BOOTSTRAP},
+          resumable=True),
+    Stage("qat", "QAT at W8A8 and at lesson 7's stress setting (lesson 7)", stages.qat, _summary_qat,
           lambda c, nb: {"runs": stages.qat_runs(c), "eval_batches": c.eval_batches,
                          "calib_batches": c.calib_batches, "seed": c.seed}, needs=("ptq",), resumable=True),
     Stage("export", "ONNX export of the FP32, PTQ and QAT models", stages.export, _summary_export,

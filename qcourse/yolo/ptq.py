@@ -3,15 +3,16 @@
 The model-agnostic steps live in :mod:`qcourse.ptq`; this module adds what is YOLOv7's:
 
 * :func:`load_float_model` — the embedded default, an official ``.pt`` or a qcourse
-  checkpoint, fused as TensorRT sees it (Conv+BN folded, RepConv re-parameterised, the
-  IDetect implicit layers folded);
+  checkpoint, fused by PyTorch before export (Conv+BN folded, RepConv re-parameterised, the
+  IDetect implicit layers folded: TensorRT does not merge RepConv's branches itself);
 * :func:`default_ignore` — the detection head's 1x1 convs stay in float (found from the model:
   the index of its ``Detect`` layer, ``model.77`` in YOLOv7-tiny, ``model.105`` in YOLOv7);
 * :func:`quantize` — histogram-calibrated inputs, per-channel max weights, the ignore policy
   checked against the model, TensorRT's placement rules;
 * :class:`Setting` — bit widths and weight granularity, by name (``W8pcA6``), and the embedded
   default's stress settings :data:`METHOD_STRESS` and :data:`SENSITIVITY_STRESS`; :func:`calibrated`
-  quantizes and calibrates a model at one;
+  quantizes and calibrates a model at one; :func:`method_screen` compares the calibration methods
+  at one from a single calibration, keeping each evaluation's match table;
 * :func:`save_quantized` / :func:`load_quantized` — calibrated checkpoints (plain tensors and
   JSON-able data, ``torch.load(weights_only=True)`` reads them) that reload with identical
   outputs, ties and amax included;
@@ -47,7 +48,7 @@ from .models.checkpoint import (QUANTIZED_FORMAT, CheckpointError, float_model_f
 __all__ = [
     "PTQConfig", "load_float_model", "default_ignore", "quantizable_layers", "check_ignore", "quantize",
     "save_quantized", "load_quantized", "ort_agreement", "run_ptq", "output_files", "loaders",
-    "QUANTIZED_FORMAT_VERSION", "Setting", "METHOD_STRESS", "SENSITIVITY_STRESS", "calibrated",
+    "QUANTIZED_FORMAT_VERSION", "Setting", "METHOD_STRESS", "SENSITIVITY_STRESS", "calibrated", "method_screen",
 ]
 
 QUANTIZED_FORMAT_VERSION = 1
@@ -161,9 +162,49 @@ def calibrated(model: Model, setting: Setting, calib, calib_batches: int, ignore
     return qmodel.eval()
 
 
+def method_screen(model: Model, setting: Setting, calib, calib_batches: int, val,
+                  methods: Sequence[str] = ptq.METHODS, eval_batches: Optional[int] = None,
+                  ignore: Optional[Sequence[str]] = None, device="cpu", out=None,
+                  progress: bool = False) -> dict:
+    """Each calibration method at ``setting`` on the fused ``model``, from ONE calibration.
+
+    The histograms are collected once (:func:`calibrated`, ``calib_batches`` batches of ``calib``);
+    then each method's amax is loaded and the model evaluated on ``val`` (its first ``eval_batches``
+    batches; None: all) with the per-image match table. Returns ``{method: {"map", "map50",
+    "images", "table"}}``, ``table`` the :class:`~qcourse.yolo.intervals.MatchTable` (not JSON:
+    drop it before saving the rows). With ``out``, each table is also written (atomically) as
+    ``<out>/<method>.npz`` and the row names it under ``"matches"``.
+    """
+    from .evaluate import evaluate
+    from .intervals import save_table
+
+    unknown = [m for m in methods if m not in ptq.METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown calibration method(s) {unknown or list(methods)}; choose from "
+                         f"{', '.join(ptq.METHODS)}")
+    first = Setting(setting.w_bits, setting.per_channel, setting.a_bits, methods[0])
+    qmodel = calibrated(model, first, calib, calib_batches, ignore=ignore, device=device, progress=progress)
+    rows = {}
+    for method in methods:
+        if method != first.method:
+            ptq.load_amax(qmodel, method)
+        r = evaluate(qmodel, val, device=device, progress=progress, max_batches=eval_batches, matches=True)
+        rows[method] = {"map": round(r["map"], 4), "map50": round(r["map50"], 4), "images": r["images"],
+                        "table": r["matches"]}
+        if out is not None:
+            save_table(Path(out) / f"{method}.npz", r["matches"])
+            rows[method]["matches"] = f"{method}.npz"
+    return rows
+
+
 # ----------------------------------------------------------------------------- the model
 def load_float_model(weights=None) -> Model:
-    """FP32 model from ``weights`` (None: the embedded default), fused as TensorRT sees it."""
+    """FP32 model from ``weights`` (None: the embedded default), fused by PyTorch before export.
+
+    YOLOv7's ``fuse()``: BatchNorm folded into the convs, RepConv's branches merged into one 3x3 conv,
+    the implicit layers folded. TensorRT would fold the BatchNorms itself, but it does not merge
+    RepConv's branches: that happens here, so the quantized weights are the ones TensorRT runs.
+    """
     path = Path(weights) if weights is not None else default_checkpoint()
     if not path.is_file():
         raise FileNotFoundError(f"weights {path} not found; pass an existing .pt file (or none for the default)")

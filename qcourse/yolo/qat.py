@@ -10,7 +10,11 @@ live in :mod:`qcourse.qat`; this module adds what is YOLOv7's:
 * :func:`distillation_loss` — NVIDIA's label-free loss over the ``model.N`` blocks, the
   ``Detect`` head left out; :func:`detection_loss` — the YOLO loss on the labels;
 * :func:`run_qat` — FP32 and PTQ evaluated, QAT run with an evaluation every epoch, the best
-  model saved and exported to ONNX, ``OUT/results.json`` with the FP32 / PTQ / QAT table.
+  model saved and exported to ONNX, ``OUT/results.json`` with the FP32 / PTQ / QAT table: each
+  mAP with its 95 % bootstrap interval over the val images, QAT minus PTQ and FP32 minus QAT
+  with their paired intervals, and the share of PTQ's loss QAT won back with its interval
+  (:mod:`qcourse.yolo.intervals`, from the three models' per-image match tables, kept as
+  :data:`TABLES`).
 
 Every setting is checked before any work (the files of ``--out``, a resume, the batch size
 against the data and the memory, the calibration batches), and a folder never holds two runs'
@@ -19,31 +23,44 @@ only) before it starts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from qcourse import ptq, qat
 from qcourse.export import export_onnx
 from qcourse.tensor_quant import QuantDescriptor
-from qcourse.utils import atomic_write, check_memory, check_writable, is_int, remove_owned
+from qcourse.utils import atomic_write, check_memory, check_writable, is_int, is_owned, remove_owned
 
 from . import ptq as yptq
+from .intervals import Resampled, load_table, save_table, score
 from .models import Detect
 
-__all__ = ["YoloQATConfig", "LOSSES", "STRESS", "OUTPUT_FILES", "calibrated_model", "distillation_loss",
-           "detection_loss", "run_qat", "recovered"]
+__all__ = ["YoloQATConfig", "LOSSES", "STRESS", "TABLES", "BOOTSTRAP", "OUTPUT_FILES", "calibrated_model",
+           "distillation_loss", "detection_loss", "run_qat", "recovered", "comparisons"]
 
 LOSSES = ("distill", "detection")
 
+#: the per-image match tables :func:`run_qat` keeps in ``--out`` (:func:`qcourse.yolo.intervals.save_table`):
+#: the FP32 model's, the PTQ starting point's and the reported QAT model's (the best epoch's)
+TABLES = {"fp32": "fp32.npz", "ptq": "ptq.npz", "qat": "qat.npz"}
 #: what :func:`run_qat` writes into ``--out``, in the order a new run deletes the earlier run's:
 #: results.json first, so that it never describes files that are about to change
-OUTPUT_FILES = ("results.json", "qat.onnx", *qat.RUN_FILES)
+OUTPUT_FILES = ("results.json", "qat.onnx", *TABLES.values(), *qat.RUN_FILES)
+#: what a resumed run keeps of the interrupted one: the checkpoints and the best epoch's table
+_KEPT_ON_RESUME = (*qat.RUN_FILES, TABLES["qat"])
+#: the bootstrap behind every interval (as ``qcourse course``'s): 1000 resamples of the evaluated
+#: images drawn from a fixed seed, 95 % percentile intervals
+BOOTSTRAP = {"n": 1000, "seed": 0, "level": 0.95}
 
 #: lesson 7's stress setting on the embedded default: bit widths where PTQ loses > 5 mAP points,
 #: with the QAT budget that wins most of it back (``qcourse course`` and the notebook use it)
@@ -160,16 +177,33 @@ def _loaders(config: YoloQATConfig, img_size: int):
     return root, calib, fit, create_dataloader(root, val, img_size=img_size, batch_size=32)
 
 
-def _evaluator(val_loader, config: YoloQATConfig) -> Callable:
-    """``evaluate(model) -> {"score": mAP@0.5:0.95, "map", "map50"}`` on the val split."""
+def _evaluate(model, val_loader, config: YoloQATConfig) -> dict:
+    """:func:`~qcourse.yolo.evaluate.evaluate` on the val split (its first ``eval_batches``), with the match table."""
     from .evaluate import evaluate
 
-    def score(model) -> dict:
-        r = evaluate(model, val_loader, device=config.device, progress=config.progress,
-                     max_batches=config.eval_batches)
+    return evaluate(model, val_loader, device=config.device, progress=config.progress,
+                    max_batches=config.eval_batches, matches=True)
+
+
+def _evaluator(val_loader, config: YoloQATConfig, keep: Optional[Path] = None,
+               best: Optional[float] = None) -> Callable:
+    """``evaluate(model) -> {"score": mAP@0.5:0.95, "map", "map50"}`` on the val split.
+
+    With ``keep`` (a path), the match table of each evaluation that beats ``best`` (the best
+    score so far; None: none yet) is saved there: called once per epoch by
+    :func:`qcourse.qat.train`, which keeps ``best.pt`` by the same rule (a strictly higher
+    score), it leaves the best epoch's table beside ``best.pt``.
+    """
+    state = {"best": best}
+
+    def evaluate_epoch(model) -> dict:
+        r = _evaluate(model, val_loader, config)
+        if keep is not None and (state["best"] is None or r["map"] > state["best"]):
+            save_table(keep, r["matches"])
+            state["best"] = r["map"]
         return {"score": r["map"], "map": round(r["map"], 4), "map50": round(r["map50"], 4)}
 
-    return score
+    return evaluate_epoch
 
 
 def _save(meta: dict) -> Callable:
@@ -214,25 +248,105 @@ def _start(config: YoloQATConfig):
 
 def _clear(out: Path, resuming: bool) -> None:
     """Delete the earlier run's files (qcourse's, unchanged): all of them, or, when resuming it, what
-    describes or derives from the weights that are about to change."""
+    describes or derives from the weights that are about to change (the checkpoints and the best
+    epoch's match table stay: the resumed run goes on from them)."""
     for name in OUTPUT_FILES:
-        if resuming and name in qat.RUN_FILES:
+        if resuming and name in _KEPT_ON_RESUME:
             continue
         remove_owned(out / name)
 
 
-def _baselines(config: YoloQATConfig, float_model, student, calib, val):
-    """Calibrate (unless given a calibrated model), and (rank 0) evaluate FP32 and PTQ: the first two rows."""
+def _baselines(config: YoloQATConfig, float_model, student, calib, val, out: Optional[Path] = None):
+    """Calibrate (unless given a calibrated model), and (rank 0) evaluate FP32 and PTQ: the first two rows.
+
+    Their match tables are saved in ``out`` as :data:`TABLES` ``"fp32"`` and ``"ptq"`` (none without ``out``).
+    """
     if student is None:
         student = calibrated_model(float_model, calib, config)
     student.requires_grad_(True)
-    score, keep = _evaluator(val, config), ("map", "map50")
-    fp32 = ptq_row = None
+    rows = {}
     if _rank0():
-        fp32 = {k: v for k, v in score(float_model).items() if k in keep}
-        ptq_row = {k: v for k, v in score(student).items() if k in keep}
-        config.log(f"FP32 mAP {fp32['map']:.4f}; PTQ W{config.w_bits}A{config.a_bits} mAP {ptq_row['map']:.4f}")
-    return student, fp32, ptq_row
+        for name, model in (("fp32", float_model), ("ptq", student)):
+            r = _evaluate(model, val, config)
+            rows[name] = {"map": round(r["map"], 4), "map50": round(r["map50"], 4)}
+            if out is not None:
+                save_table(out / TABLES[name], r["matches"])
+        config.log(f"FP32 mAP {rows['fp32']['map']:.4f}; PTQ W{config.w_bits}A{config.a_bits} mAP "
+                   f"{rows['ptq']['map']:.4f}")
+    return student, rows.get("fp32"), rows.get("ptq")
+
+
+def _best_table(out: Path, res: dict, val, config: YoloQATConfig):
+    """The match table of the reported QAT model (the best epoch's), as the per-epoch evaluation kept it.
+
+    Where it is missing or is not the best epoch's (a resumed run whose best epoch came before
+    the interruption, written by a qcourse that kept no tables), ``best.pt`` is evaluated again.
+    """
+    path = out / TABLES["qat"]
+    if is_owned(path):
+        table = load_table(path)
+        if math.isclose(score(table)["map"], res["best_score"], rel_tol=0.0, abs_tol=1e-12):
+            return table
+    config.log("evaluating best.pt again for its match table")
+    table = _evaluate(yptq.load_quantized(out / "best.pt", map_location=config.device), val, config)["matches"]
+    save_table(path, table)
+    return table
+
+
+_RESAMPLED: "OrderedDict[tuple, Resampled]" = OrderedDict()  # the last few tables' scores, by content
+
+
+def _resampled(table, n: int, seed: int) -> Resampled:
+    """``Resampled(table, n, seed)``, reused for a table with the same content (``qcourse course``'s two
+    runs share the FP32 model's): its bootstrap scores are the costly part, seconds for 250 images."""
+    digest = hashlib.sha256()
+    for a in (table.image_ids, table.gt, *table.det_image, *table.tp, *table.fp):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype}{a.shape};".encode())
+        digest.update(a.tobytes())
+    key = (digest.hexdigest(), n, seed)
+    if key not in _RESAMPLED:
+        _RESAMPLED[key] = Resampled(table, n=n, seed=seed)
+        while len(_RESAMPLED) > 4:
+            _RESAMPLED.popitem(last=False)
+    _RESAMPLED.move_to_end(key)
+    return _RESAMPLED[key]
+
+
+def comparisons(fp32, ptq_table, qat_table, bootstrap: Optional[dict] = None) -> dict:
+    """The intervals of a QAT run from the three models' match tables (same images), as ``results.json`` has them.
+
+    Returns ``{"intervals": {"fp32", "ptq", "qat"}`` (each mAP@0.5:0.95's bootstrap interval over
+    the images), ``"fp32_minus_ptq"``, ``"qat_minus_ptq"``, ``"fp32_minus_qat"``, ``"vs_fp32":
+    {"ptq", "qat"}`` (each model minus FP32, as the course report reads a row; all ``{"diff",
+    "interval"}``, paired: the same draws), ``"recovered_share"`` (``{"share", "interval"}``: the
+    share of PTQ's loss QAT won back, :meth:`~qcourse.yolo.intervals.Resampled.recovered`; None
+    when PTQ's loss is not significantly above 0, there being nothing measurable to win back) and
+    ``"recovered_share_reason"`` (why it is None; None otherwise)}. ``bootstrap``:
+    ``{"n", "seed", "level"}`` (:data:`BOOTSTRAP`).
+    """
+    b = {**BOOTSTRAP, **(bootstrap or {})}
+    s = {name: _resampled(t, b["n"], b["seed"]) for name, t in (("fp32", fp32), ("ptq", ptq_table), ("qat", qat_table))}
+
+    def paired(a, c) -> dict:
+        d = s[a].minus(s[c], b["level"])
+        return {"diff": d["diff"], "interval": d["interval"]}
+
+    res = {"intervals": {name: r.bootstrap(b["level"])["interval"] for name, r in s.items()},
+           "fp32_minus_ptq": paired("fp32", "ptq"), "qat_minus_ptq": paired("qat", "ptq"),
+           "fp32_minus_qat": paired("fp32", "qat"), "vs_fp32": {m: paired(m, "fp32") for m in ("ptq", "qat")},
+           "recovered_share": None, "recovered_share_reason": None}
+    lost = res["fp32_minus_ptq"]
+    lo, hi = lost["interval"]
+    if lo > 0.0:
+        rec = s["qat"].recovered(s["ptq"], s["fp32"], b["level"])
+        res["recovered_share"] = {"share": rec["share"], "interval": rec["interval"]}
+    else:
+        res["recovered_share_reason"] = (
+            f"PTQ's loss to FP32 ({lost['diff']:+.4f} mAP, 95 % interval [{lo:+.4f}, {hi:+.4f}]) is "
+            + ("within noise" if hi >= 0.0 else "negative: PTQ scores above FP32")
+            + ", so no share of it can be measured")
+    return res
 
 
 def _export(out: Path, img_size: int, config: YoloQATConfig) -> Optional[str]:
@@ -246,8 +360,14 @@ def _export(out: Path, img_size: int, config: YoloQATConfig) -> Optional[str]:
     return "qat.onnx"
 
 
+def _bracket(d: dict, fmt: str = "+.4f") -> str:
+    lo, hi = d["interval"]
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
 def run_qat(config: YoloQATConfig) -> Optional[dict]:
-    """FP32, PTQ and QAT of one model; writes ``best.pt``, ``last.pt``, ``qat.onnx`` (W8A8 only) and ``results.json``.
+    """FP32, PTQ and QAT of one model; writes ``best.pt``, ``last.pt``, ``qat.onnx`` (W8A8 only), the match
+    tables :data:`TABLES` and ``results.json`` (see :func:`comparisons` for its intervals).
 
     Before any work: a file of those names in ``config.out`` that qcourse did not write is
     refused, so is a resume of a damaged or different run, a batch size the data or the
@@ -255,6 +375,8 @@ def run_qat(config: YoloQATConfig) -> Optional[dict]:
     resume deletes the earlier run's files (results.json first). Under ``torchrun`` every
     process calibrates the same way (deterministic) on its own device and trains on its
     shard; rank 0 evaluates, writes the files and returns the results (the others: None).
+    A resumed run keeps the interrupted one's ``best.pt``, ``last.pt`` and best-epoch table
+    and ends with the results the uninterrupted run would have written.
     """
     t0 = time.perf_counter()
     requested = config
@@ -263,32 +385,49 @@ def run_qat(config: YoloQATConfig) -> Optional[dict]:
     qat.bind_device(device)
     config = replace(config, device=str(device))
     # a damaged last.pt is said to be damaged (it is no longer qcourse's file either)
-    resuming = config.resume and qat.resume_state(out, config.qat_config()) is not None
+    state = qat.resume_state(out, config.qat_config()) if config.resume else None
+    resuming = state is not None
     if _rank0():  # rank 0 alone owns the folder: the others only read a checkpoint to resume
         check_writable(*(out / name for name in OUTPUT_FILES))
         out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be a folder fails here
     float_model, student, img_size, root, calib, fit, val = _start(config)
     if _rank0():
         _clear(out, resuming)
-    student, fp32, ptq_row = _baselines(config, float_model, student, calib, val)
+    student, fp32, ptq_row = _baselines(config, float_model, student, calib, val, out if _rank0() else None)
     if config.loss == "distill":
         loss_fn = distillation_loss(float_model, student, config.supervision_stride, config.device)
     else:
         loss_fn = detection_loss(student, img_size, config.device)
-    res = qat.train(student, loss_fn, fit, config.qat_config(), evaluate=_evaluator(val, config),
+    evaluate = _evaluator(val, config, keep=out / TABLES["qat"] if _rank0() else None,
+                          best=state.get("best_score") if resuming else None)
+    res = qat.train(student, loss_fn, fit, config.qat_config(), evaluate=evaluate,
                     out_dir=out, resume=resuming, device=config.device, log=config.log,
                     save_model=_save({"img_size": img_size, "w_bits": config.w_bits, "a_bits": config.a_bits}))
     if not _rank0():
         return None
     onnx = _export(out, img_size, config)
     qat_row = {k: v for k, v in res["history"][res["best_epoch"] - 1].items() if k in ("map", "map50")}
+    found = comparisons(load_table(out / TABLES["fp32"]), load_table(out / TABLES["ptq"]),
+                        _best_table(out, res, val, config))
+    for name, row in (("fp32", fp32), ("ptq", ptq_row), ("qat", qat_row)):
+        row["interval"] = found["intervals"][name]
+        if name != "fp32":
+            row["vs_fp32"] = found["vs_fp32"][name]
     label = f"W{config.w_bits}A{config.a_bits}"
+    share = found["recovered_share"]
+    config.log(f"QAT minus PTQ {found['qat_minus_ptq']['diff']:+.4f} {_bracket(found['qat_minus_ptq'])}, FP32 minus "
+               f"QAT {found['fp32_minus_qat']['diff']:+.4f} {_bracket(found['fp32_minus_qat'])}; "
+               + (f"share of PTQ's loss won back {share['share']:.2f} {_bracket(share, '.2f')}" if share else
+                  found["recovered_share_reason"]))
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(requested).items() if k != "log"},
         "data": str(root), "img_size": img_size, "history": res["history"], "best_epoch": res["best_epoch"],
         "world_size": res["world_size"], "weights_sha256": res["weights_sha256"],
         "table": _table(fp32, ptq_row, qat_row, label),
         "recovered": recovered(fp32["map"], ptq_row["map"], qat_row["map"]),
+        "matches": dict(TABLES), "bootstrap": dict(BOOTSTRAP),
+        **{k: found[k] for k in ("fp32_minus_ptq", "qat_minus_ptq", "fp32_minus_qat", "recovered_share",
+                                 "recovered_share_reason")},
         "onnx": onnx, "placement_problems": len(ptq.check_qdq_placement(out / onnx)) if onnx else None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

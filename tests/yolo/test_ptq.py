@@ -6,8 +6,10 @@ for every Concat, its major is the first conv reading it and the tied ones are t
 convs reading it and the convs reading one of its inputs; for every MP whose output a conv
 reads first, the convs reading the MP's input are tied to that conv.
 """
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +259,38 @@ def test_calibrated_at_a_setting_rounds_on_its_grid(data):
     assert conv._weight_quantizer.amax.numel() == 1
     assert float(conv._weight_quantizer.amax) == pytest.approx(float(conv.weight.abs().max()))
     assert len(torch.unique(conv._weight_quantizer(conv.weight))) <= 2 ** 8
+
+
+# ----------------------------------------------------------------------------- the method screen
+def _same_table(a, b):
+    return (np.array_equal(a.image_ids, b.image_ids) and np.array_equal(a.gt, b.gt) and len(a.tp) == len(b.tp)
+            and all(np.array_equal(x, y) for f in ("det_image", "tp", "fp") for x, y in zip(getattr(a, f), getattr(b, f))))
+
+
+def test_method_screen_calibrates_once_and_equals_a_calibration_per_method(data, tmp_path, monkeypatch):
+    """Each method's row is what a model calibrated for that method alone scores (evaluated here); one
+    calibration pass serves them all; the tables saved are the ones returned."""
+    from qcourse.yolo import intervals
+    from qcourse.yolo.evaluate import evaluate
+
+    calib, val = data
+    model = yptq.load_float_model()
+    passes = []
+    real_calibrate = ptq.calibrate
+    monkeypatch.setattr(ptq, "calibrate", lambda *a, **k: passes.append(1) or real_calibrate(*a, **k))
+    methods = ("percentile", "max")
+    rows = yptq.method_screen(model, yptq.METHOD_STRESS, calib, 1, val, methods=methods, eval_batches=1,
+                              out=tmp_path / "stress")
+    assert len(passes) == 1 and list(rows) == list(methods)
+    for method in methods:
+        oracle = yptq.calibrated(model, dataclasses.replace(yptq.METHOD_STRESS, method=method), calib, 1)
+        want = evaluate(oracle, val, progress=False, max_batches=1, matches=True)
+        row = rows[method]
+        assert (row["map"], row["map50"], row["images"]) == (round(want["map"], 4), round(want["map50"], 4), 8)
+        assert _same_table(row["table"], want["matches"])
+        assert row["matches"] == f"{method}.npz"
+        assert _same_table(intervals.load_table(tmp_path / "stress" / row["matches"]), row["table"])
+    # at 6 bits max's range is wider than percentile's: the amax really was switched
+    assert rows["max"]["map"] != rows["percentile"]["map"]
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        yptq.method_screen(model, yptq.METHOD_STRESS, calib, 1, val, methods=("kl",))

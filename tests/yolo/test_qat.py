@@ -1,22 +1,26 @@
 """qcourse.yolo.qat and ``qcourse qat``: the YOLOv7 side of lesson 7, on small slices of the default.
 
 Oracles: the FP32 model itself (the distillation loss is exactly zero with quantization off),
-YoloLoss called directly, an independent evaluation of the saved best.pt, the ONNX graph.
+YoloLoss called directly, an independent evaluation of the saved best.pt (and of the FP32 and
+PTQ models: their match tables must be the ones the run kept), the ONNX graph.
 The refusals (a user's file in --out, a damaged checkpoint to resume, a batch larger than the
 data, an --out that cannot be a folder) must come before any model is loaded or calibrated:
 the tests make loading or calibrating fail loudly.
 """
 import json
+import math
 import os
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
 from qcourse import workflow
 from qcourse.course.cli import main
 from qcourse.export import list_qdq_nodes, load_onnx
-from qcourse.utils import OWNED_LIST
+from qcourse.utils import OWNED_LIST, remove_owned
+from qcourse.yolo import intervals
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import qat as yqat
 from qcourse.yolo.datasets import create_dataloader, ensure_default_dataset
@@ -65,11 +69,17 @@ def test_cli_runs_end_to_end_and_best_reloads_with_its_map(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in res["table"]] == ["fp32", "ptq W8A8", "qat W8A8"]
     assert len(res["history"]) == 1 and {"loss", "map", "map50", "lr"} <= set(res["history"][0])
-    assert names(out) == ["best.pt", "last.pt", "qat.onnx", "results.json"]
-    # the saved best model, reloaded as a calibrated checkpoint, scores what was recorded
+    assert names(out) == ["best.pt", "fp32.npz", "last.pt", "ptq.npz", "qat.npz", "qat.onnx", "results.json"]
+    # the saved best model, reloaded as a calibrated checkpoint, scores what was recorded, with the kept table
     best = yptq.load_quantized(out / "best.pt")
     val = create_dataloader(ensure_default_dataset(progress=False), "val", img_size=160, batch_size=32)
-    assert round(evaluate(best, val, progress=False, max_batches=1)["map"], 4) == res["table"][2]["map"]
+    r = evaluate(best, val, progress=False, max_batches=1, matches=True)
+    assert round(r["map"], 4) == res["table"][2]["map"]
+    assert_same_table(intervals.load_table(out / "qat.npz"), r["matches"])
+    # W8A8 PTQ loses nothing measurable on these 32 images: no share of it is reported
+    lo, hi = res["fp32_minus_ptq"]["interval"]
+    assert lo <= 0.0 <= hi and res["recovered_share"] is None
+    assert "within noise" in res["recovered_share_reason"], res["recovered_share_reason"]
     qdq = list_qdq_nodes(load_onnx(out / "qat.onnx"))
     assert qdq and res["placement_problems"] == 0
     assert "qat W8A8" in capsys.readouterr().out
@@ -77,6 +87,13 @@ def test_cli_runs_end_to_end_and_best_reloads_with_its_map(tmp_path, capsys):
     rc = main(["qat", "--calibrated", str(out / "best.pt"), "--w-bits", "4", "--out", str(tmp_path / "again")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--w-bits 8 --a-bits 8" in err, err
+
+
+def assert_same_table(got, want):
+    assert np.array_equal(got.image_ids, want.image_ids) and np.array_equal(got.gt, want.gt)
+    for field in ("det_image", "tp", "fp"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), field
 
 
 def names(folder):
@@ -92,11 +109,12 @@ def test_a_rerun_never_leaves_the_earlier_runs_files(tmp_path, monkeypatch, caps
              "--eval-batches", "1", "--out", str(out)]
     assert main(quick) == 0
     (out / "notes.txt").write_text("mine")
-    assert names(out) == ["best.pt", "last.pt", "notes.txt", "qat.onnx", "results.json"]
+    tables = ["fp32.npz", "ptq.npz", "qat.npz"]
+    assert names(out) == sorted(["best.pt", "last.pt", "notes.txt", "qat.onnx", "results.json", *tables])
     assert main([*quick, "--w-bits", "4"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["onnx"] is None and res["table"][1]["model"] == "ptq W4A8"
-    assert names(out) == ["best.pt", "last.pt", "notes.txt", "results.json"]
+    assert names(out) == sorted(["best.pt", "last.pt", "notes.txt", "results.json", *tables])
     assert yptq.load_quantized(out / "best.pt").ptq_info["weight_desc"]["num_bits"] == 4
 
     def interrupted(*args, **kwargs):  # the new run stops before its first file
@@ -127,7 +145,7 @@ def _one_line_error(argv, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("name", ["results.json", "best.pt", "last.pt", "qat.onnx"])
+@pytest.mark.parametrize("name", ["results.json", "best.pt", "last.pt", "qat.onnx", "qat.npz"])
 def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, capsys, no_work, name):
     out = tmp_path / "out"
     out.mkdir()
@@ -231,5 +249,103 @@ def test_resumed_cli_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypat
     got = qat.load_state(tmp_path / "cut" / "last.pt")["model"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     full, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "cut"))
-    assert cut["table"] == full["table"]
+    same = ("table", "best_epoch", "fp32_minus_ptq", "qat_minus_ptq", "fp32_minus_qat", "recovered_share",
+            "recovered_share_reason")
+    assert {k: cut[k] for k in same} == {k: full[k] for k in same}
+    for name in ("fp32.npz", "ptq.npz", "qat.npz"):
+        assert_same_table(intervals.load_table(tmp_path / "cut" / name), intervals.load_table(tmp_path / "full" / name))
     assert "resumed at epoch 2, step 0" in capsys.readouterr().out
+    # a finished run resumed without its best epoch's table evaluates best.pt again, to the same results
+    want = intervals.load_table(tmp_path / "full" / "qat.npz")
+    assert remove_owned(tmp_path / "full" / "qat.npz")
+    assert main([*args, "--out", str(tmp_path / "full"), "--resume"]) == 0
+    again = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert {k: again[k] for k in same} == {k: full[k] for k in same}
+    assert_same_table(intervals.load_table(tmp_path / "full" / "qat.npz"), want)
+    assert "evaluating best.pt again" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the intervals of a run
+def test_the_kept_tables_reproduce_the_maps_and_the_recovered_share(tmp_path):
+    """A short W3A8 run (PTQ loses ~8 points on the first 32 val images, far beyond the noise): the
+    saved tables are the ones ``evaluate`` gives for the three models run again, they score the
+    reported mAPs, and the share is the ratio of the mAPs they score, with the intervals of
+    :mod:`qcourse.yolo.intervals` on the same draws."""
+    out = tmp_path / "w3"
+    config = yqat.YoloQATConfig(epochs=2, iters_per_epoch=1, batch_size=4, calib_batches=1, eval_batches=1, w_bits=3,
+                                loss="detection", out=out, log=lambda line: None)
+    res = yqat.run_qat(config)
+    tables = {name: intervals.load_table(out / file) for name, file in yqat.TABLES.items()}
+    assert res["matches"] == yqat.TABLES and res["bootstrap"] == yqat.BOOTSTRAP
+    # the independent oracle: each model evaluated again, outside run_qat
+    root = ensure_default_dataset(progress=False)
+    val = create_dataloader(root, "val", img_size=160, batch_size=32)
+    calib = create_dataloader(root, "train", img_size=160, batch_size=4, shuffle=False)
+    fp32 = yptq.load_float_model()
+    models = {"fp32": fp32, "ptq": yqat.calibrated_model(fp32, calib, config),
+              "qat": yptq.load_quantized(out / "best.pt")}
+    maps = {}
+    for (name, model), row in zip(models.items(), res["table"]):
+        r = evaluate(model, val, progress=False, max_batches=1, matches=True)
+        assert_same_table(tables[name], r["matches"])
+        got = intervals.score(tables[name])
+        assert (round(got["map"], 4), round(got["map50"], 4)) == (row["map"], row["map50"]), name
+        assert got["map"] == r["map"]
+        assert row["interval"] == intervals.bootstrap(tables[name])["interval"]
+        maps[name] = got["map"]
+    assert res["history"][res["best_epoch"] - 1]["score"] == maps["qat"]  # the best epoch's table, not the last's
+    f, p, q = maps["fp32"], maps["ptq"], maps["qat"]
+    assert res["qat_minus_ptq"]["diff"] == q - p and res["fp32_minus_qat"]["diff"] == f - q
+    assert res["qat_minus_ptq"]["interval"] == intervals.paired(tables["qat"], tables["ptq"])["interval"]
+    assert res["table"][2]["vs_fp32"]["interval"] == intervals.paired(tables["qat"], tables["fp32"])["interval"]
+    assert res["fp32_minus_ptq"]["interval"][0] > 0.02, res["fp32_minus_ptq"]  # a loss well beyond the noise
+    share = res["recovered_share"]
+    assert math.isclose(share["share"], (q - p) / (f - p), rel_tol=1e-12)
+    assert share["interval"] == intervals.Resampled(tables["qat"]).recovered(
+        intervals.Resampled(tables["ptq"]), intervals.Resampled(tables["fp32"]))["interval"]
+    assert res["recovered_share_reason"] is None
+    # the same tables with no loss to win back: no share, and the reason says why
+    none = yqat.comparisons(tables["fp32"], tables["fp32"], tables["qat"])
+    assert none["recovered_share"] is None and "within noise" in none["recovered_share_reason"]
+    assert json.loads((out / "results.json").read_text())["recovered_share"] == share
+
+
+def test_each_epoch_that_beats_the_best_so_far_replaces_the_kept_table(tmp_path, monkeypatch):
+    """The rule of qcourse.qat.train's best.pt (a strictly higher score), epoch by epoch, and from a
+    resumed run's best score."""
+    def table(i):
+        empty = (np.zeros((10, 0), dtype=bool),)
+        return intervals.MatchTable(np.array([i, i + 1]), np.ones((1, 2), dtype=np.int64),
+                                    (np.zeros(0, dtype=np.int64),), empty, empty)
+
+    scores = iter([0.5, 0.7, 0.7, 0.6])
+    monkeypatch.setattr(yqat, "_evaluate", lambda model, val, config: (
+        lambda m: {"map": m, "map50": m, "matches": table(int(10 * m))})(next(scores)))
+    path = tmp_path / "qat.npz"
+    evaluate_epoch = yqat._evaluator(None, yqat.YoloQATConfig(), keep=path)
+    kept = []
+    for _ in range(4):
+        assert set(evaluate_epoch(None)) == {"score", "map", "map50"}
+        kept.append(int(intervals.load_table(path).image_ids[0]))
+    assert kept == [5, 7, 7, 7]
+    scores = iter([0.6, 0.8])
+    resumed = yqat._evaluator(None, yqat.YoloQATConfig(), keep=path, best=0.7)
+    resumed(None)
+    assert intervals.load_table(path).image_ids[0] == 7
+    resumed(None)
+    assert intervals.load_table(path).image_ids[0] == 8
+
+
+def test_the_course_stage_names_the_stress_runs_share():
+    from qcourse.course import stages
+
+    assert yqat.BOOTSTRAP == stages.BOOTSTRAP  # run_qat's intervals are the course's
+    settings = {**yqat.STRESS, "epochs": 2, "iters_per_epoch": 10}
+    runs = {"stress": {"settings": settings, "recovered_share": {"share": 0.5, "interval": [0.25, 0.75]},
+                       "recovered_share_reason": None}}
+    assert stages._qat_share(runs, "stress") == {"run": "stress", "setting": f"W{yqat.STRESS['w_bits']}pcA8",
+                                                 "share": 0.5, "interval": [0.25, 0.75], "steps": 20}
+    runs["stress"].update(recovered_share=None, recovered_share_reason="within noise")
+    got = stages._qat_share(runs, "stress")
+    assert got["share"] is None and got["interval"] is None and got["reason"] == "within noise"
+    assert set(stages.qat_runs(stages.CourseConfig())) == {"w8a8", "stress"}

@@ -52,8 +52,8 @@ def test_two_processes_train_with_the_same_command(tmp_path, loss):
     assert res["world_size"] == 2 and res["settings"]["loss"] == loss
     digests = res["weights_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1], digests  # both processes end with the same weights
-    assert sorted(p.name for p in out.iterdir() if p.name != OWNED_LIST) == ["best.pt", "last.pt", "qat.onnx",
-                                                                             "results.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != OWNED_LIST) == ["best.pt", "fp32.npz", "last.pt", "ptq.npz",
+                                                                             "qat.npz", "qat.onnx", "results.json"]
     assert done.stdout.count("qat W8A8") == 1  # rank 0 alone reports
     assert len(res["history"]) == 1 and torch.isfinite(torch.tensor(res["history"][0]["loss"]))
     from qcourse import qat

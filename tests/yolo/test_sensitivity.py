@@ -9,10 +9,15 @@ import contextlib
 import copy
 import io
 import json
+from pathlib import Path
+
+import torch
 
 import pytest
 from torch import nn
 
+from cli_helpers import error_line, run_cli
+from qcourse import sensitivity as sens
 from qcourse.course.cli import main
 from qcourse.yolo import ptq as yptq
 from qcourse.yolo import sensitivity as ys
@@ -49,7 +54,18 @@ def test_cli_writes_the_scan_the_summary_and_the_chart(scanned):
     assert res["proxy_correlation"]["layers"] == N_LAYERS and -1 <= res["proxy_correlation"]["spearman"] <= 1
     assert (out / "sensitivity.png").stat().st_size > 10_000
     assert all(is_owned(out / f) for f in ("sensitivity.json", "results.json", "sensitivity.png"))
-    assert "most sensitive layers" in stdout and "Spearman rho" in stdout
+    # every evaluation kept its match table: FP32, INT8, each layer, each re-quantized model, each random draw
+    tables = {p.stem for p in (out / "tables").glob("*.npz")}
+    assert {"fp32", "int8"} | {f"float-{row['layer']}" for row in scan["layers"]} <= tables
+    assert {Path(row["matches"]).stem for row in res["map_vs_k"]} <= tables
+    assert len(res["topk"]["vs_random"]["draws"]) == 3 and all(
+        "ignore-" + "+".join(d) in tables for d in res["topk"]["vs_random"]["draws"])
+    assert res["setting"]["name"] == "W8pcA8" and res["images"] == 8
+    assert res["split_half_rho"]["halves"] == [4, 4] and res["split_half_rho"]["splits"] == 50
+    assert set(res["criteria"]) and res["holds"] == all(res["criteria"].values())
+    # W8A8 on 8 images: the ranking cannot pass its tests, so it is not called "most sensitive"
+    assert not res["holds"] and "most sensitive" not in stdout
+    assert "the layers the scan ranks first" in stdout and "Spearman rho" in stdout and "split-half rho" in stdout
 
 
 def _float_twin(conv):
@@ -128,6 +144,7 @@ def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, capsys):
     cases = [
         (["--weights", str(ckpt), "--calibrated", str(ckpt)], "not both"),
         (["--calibrated", str(ckpt), "--method", "max"], "--method max cannot re-calibrate int8.pt"),
+        (["--calibrated", str(ckpt), "--setting", "W8pcA4"], "--setting W8pcA4 cannot re-calibrate int8.pt"),
         (["--eval-batches", "0"], "0 is too small"),
         (["--top", "x"], "'x' is not a whole number"),
         (["--calibrated", str(tmp_path / "none.pt")], "none.pt does not exist"),
@@ -160,3 +177,40 @@ def test_a_users_file_in_out_is_refused_before_any_work(tmp_path, name, args, mo
 def test_published_reference_is_the_courses_top_10():
     assert ys.PUBLISHED_YOLOV7_TOP10[:4] == ("model.104", "model.37", "model.2", "model.1")
     assert len(set(ys.PUBLISHED_YOLOV7_TOP10)) == 10
+
+
+def _levels(q, amax):
+    """How many distinct values quantizer ``q`` gives a fine ramp over [-amax, amax]: 2^bits at most."""
+    x = torch.linspace(-float(amax), float(amax), 4001)
+    with torch.no_grad():
+        return len(torch.unique(q(x)))
+
+
+def test_the_setting_reaches_every_quantizer_and_the_requantized_models():
+    setting = yptq.Setting.parse("W6ptA4", method="max")
+    config = ys.SensitivityConfig(setting=setting, calib_batches=1, eval_batches=1, batch_size=8, progress=False)
+    prep = ys.prepare(config)
+    assert prep.run_config["setting"] == "W6ptA4" and prep.run_config["method"] == "max"
+    again = ys.requantizer(prep, config)(["model.3"])
+    for model in (prep.qmodel, again):
+        slots = [s for s in sens.quantizer_slots(model) if s.quantizer.is_enabled]
+        inputs = [s.quantizer for s in slots if s.attr == "_input_quantizer"]
+        weights = [s.quantizer for s in slots if s.attr == "_weight_quantizer"]
+        assert inputs and weights
+        for q in inputs[:5]:  # 4-bit activations: more than 8 levels, at most 16
+            assert 8 < _levels(q, q.amax.max()) <= 16
+        for q in weights[:5]:  # 6-bit per-tensor weights: one amax, more than 32 levels, at most 64
+            assert q.amax.numel() == 1 and 32 < _levels(q, q.amax) <= 64
+    default = ys.SensitivityConfig()
+    assert default.quant == yptq.Setting(8, True, 8, "mse")
+
+
+def test_a_bad_setting_gets_one_line_and_exit_2(capsys):
+    code, _, err = run_cli(["sensitivity", "--setting", "W9pcA4"], capsys)
+    assert code == 2 and "'W9pcA4' is not a setting like W8pcA4" in error_line(err)
+    code, _, err = run_cli(["sensitivity", "--setting", "A4"], capsys)
+    assert code == 2 and "is not a setting like W8pcA4" in error_line(err)
+    with pytest.raises(ValueError, match="not both"):
+        ys.SensitivityConfig(setting=yptq.SENSITIVITY_STRESS, calibrated=Path("int8.pt"))
+    with pytest.raises(ValueError, match="must be a qcourse.yolo.ptq.Setting"):
+        ys.SensitivityConfig(setting="W8pcA4")
