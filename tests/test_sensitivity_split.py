@@ -4,6 +4,8 @@ Oracles: pycocotools' COCOeval run on each half's images alone (tests/oracles.py
 Spearman; the split itself is documented as ``numpy.random.default_rng(seed).permutation(n)``,
 its first ``n // 2`` positions one half, the rest the other.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -127,7 +129,13 @@ class _Prep:
 
 
 def test_tables_are_kept_across_a_resumed_scan(tmp_path):
-    from test_sensitivity import evaluate, make_quantized
+    import importlib.util
+
+    # the tiny network of tests/test_sensitivity.py, by path: tests/yolo/ has a module of the same name
+    spec = importlib.util.spec_from_file_location("tiny_sensitivity_net", Path(__file__).with_name("test_sensitivity.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    evaluate, make_quantized = tiny.evaluate, tiny.make_quantized
 
     model = make_quantized()
     layers = sens.quantized_layers(model)

@@ -133,10 +133,22 @@ def _precision(table: MatchTable, k: int, weights: np.ndarray) -> np.ndarray:
         out[has_gt] = 0.0
         return out
     w = weights[:, img]  # (S, D): how often each detection's image was drawn
+    # Whole counts (a bootstrap's draws, a split's 0/1) sum exactly in float32 while the running totals
+    # stay below 2^24: the same numbers as float64, three times faster. When no detection is ignored
+    # (every one is a TP or an FP at every threshold) the FP totals are the detections' totals minus
+    # the TP totals: one running sum fewer per threshold, again exact for whole counts.
+    whole = bool(np.all(w == np.floor(w))) and float(w.max(initial=0.0)) * d < 2.0 ** 24
+    counted = tp_all | fp_all
+    shared = whole and bool(np.all(counted == counted[0]))
+    if whole:
+        w = w.astype(np.float32)
+        total = np.cumsum(w * counted[0], axis=1) if shared else None
     rows = np.arange(n_s)[:, None]
     for t in range(tp_all.shape[0]):
         tp = np.cumsum(w * tp_all[t], axis=1)
-        fp = np.cumsum(w * fp_all[t], axis=1)
+        fp = total - tp if shared else np.cumsum(w * fp_all[t], axis=1)
+        if whole:
+            tp, fp = tp.astype(np.float64), fp.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             rc = tp / n_gt[:, None]
         pr = tp / (fp + tp + np.spacing(1))
