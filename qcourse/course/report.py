@@ -296,7 +296,7 @@ def effects_table(data: dict) -> Table:
         cell = _share_cell(share if share else {"share": None, "reason": res.get("recovered_share_reason")})
         ok = None if not share or share.get("share") is None else share["share"] >= 0.7
         rows.append(["7", f"share of PTQ's loss won back by QAT ({name})", setting, cell, ">= 0.7", _holds(ok)])
-    return ["lesson", "effect", "setting", "measured [95% interval]", "bar (issue 22)", "reading"], rows
+    return ["lesson", "effect", "setting", "measured [95% interval]", "bar to show the effect", "reading"], rows
 
 
 def summary(data: dict) -> dict:
