@@ -189,16 +189,17 @@ def test_report_tables_hold_the_stage_results(runs):
     qat = stage_results(out, "qat")["runs"]
     for res in qat.values():
         bits = res["table"][2]["model"].split()[1]
-        assert rows[f"PTQ {bits}, mse calibration (QAT's start)"][1:3] == [f4(res["table"][1]["map"]),
-                                                                           f4(res["table"][1]["map50"])]
+        assert rows[f"PTQ {bits}, mse calibration (QAT's start)"][1:4] == [
+            with_interval(res["table"][1]), f4(res["table"][1]["map50"]), points(res["table"][1]["vs_fp32"])]
         qat_row = next(v for k, v in rows.items() if k.startswith(f"QAT {bits}, best of 1 epoch"))
-        assert qat_row[1:3] == [f4(res["table"][2]["map"]), f4(res["table"][2]["map50"])]
+        assert qat_row[1:4] == [with_interval(res["table"][2]), f4(res["table"][2]["map50"]),
+                                points(res["table"][2]["vs_fp32"])]
     # W8A8 QAT starts from the PTQ stage's mse checkpoint: its PTQ row is that model, on the same images
     assert qat["w8a8"]["table"][1]["map"] == ptq["int8"]["mse"]["map"]
     sens = stage_results(out, "sensitivity")
     for r in sens["map_vs_k"]:
         label = next(k for k in rows if k.startswith("INT8") and f"{r['int8_layers']} INT8 layers" in k)
-        assert rows[label][1] == f4(r["map"]) and rows[label][4] == str(sens["images"])
+        assert rows[label][1] == with_interval(r) and rows[label][4] == str(sens["images"])
 
     title = next(t for t in tables if t.startswith("Sensitivity: the "))
     assert ("most sensitive layers" in title) == sens["holds"] and ("ranks first" in title) != sens["holds"]
@@ -256,7 +257,8 @@ def test_results_json_has_the_claims_and_their_verdicts(runs):
     data = json.loads((runs["out"] / "results.json").read_text())
     ptq, eng = data["stages"]["ptq"]["results"], data["stages"]["engines"]["results"]
     claims = {c["name"].split(" (measured")[0]: c for c in data["claims"]}
-    assert len(claims) == 4  # histogram's loss, max vs histogram, PyTorch PTQ vs FP16, TensorRT QAT vs FP16
+    # histogram's loss, max vs histogram (W8A8 and the stress setting), PyTorch PTQ and QAT vs FP16, TensorRT QAT
+    assert len(claims) == 6
     for c in data["claims"]:
         assert set(c) == {"name", "published", "measured", "interval", "verdict"}
         lo, hi = c["interval"]
@@ -282,6 +284,16 @@ def test_results_json_has_the_claims_and_their_verdicts(runs):
                           intervals.load_table(folder["engines"] / eng["map"]["ORT fp32"]["matches"]))
     c = next(v for k, v in claims.items() if k.startswith("TensorRT INT8 QAT"))
     assert (c["measured"], c["interval"]) == (vs["diff"], vs["interval"])
+    stress = ptq["stress"]["methods"]
+    best = max((m for m in stress if m != "max"), key=lambda m: stress[m]["map"])
+    gap = intervals.paired(intervals.load_table(folder["ptq"] / stress[best]["matches"]),
+                           intervals.load_table(folder["ptq"] / stress["max"]["matches"]))
+    c = next(v for v in data["claims"] if "stress setting W8pcA6" in v["name"])
+    assert (c["measured"], c["interval"]) == (gap["diff"], gap["interval"])
+    qat_dir = runs["out"] / "qat" / "w8a8"
+    vs = intervals.paired(intervals.load_table(qat_dir / "qat.npz"), intervals.load_table(qat_dir / "fp32.npz"))
+    c = next(v for k, v in claims.items() if k.startswith("PyTorch QAT INT8"))
+    assert c["measured"] == pytest.approx(vs["diff"], abs=1e-12) and c["interval"] == pytest.approx(vs["interval"])
 
 
 def test_every_measured_map_holds_its_value_in_its_interval(runs):
@@ -407,7 +419,7 @@ def test_fingerprints_follow_the_inputs(tiny):
     assert changed(calib_batches=2) == ["ptq", "sensitivity", "qat", "export", "engines"]
     assert changed(scan_batches=3) == ["sensitivity"]
     assert changed(qat_iters=3) == ["qat", "export", "engines"]
-    assert changed(seed=1) == ["demo", "qat", "export", "engines"]
+    assert changed(seed=1) == ["demo", "sensitivity", "qat", "export", "engines"]  # the scan's random draws
     assert changed(bench_iterations=3) == ["engines"]
     assert changed(device="cuda:0") == list(YOLO_STAGES)
     assert changed(timeout=5, fresh=True, only="demo") == []  # how to run, not what is computed
