@@ -545,8 +545,8 @@ def summary_lines(res: dict) -> List[str]:
              f"split-half rho {rho} (halves of {sh['halves'][0]} and {sh['halves'][1]} images; median {med} over "
              f"{sh['splits']} random splits)"]
     if topk["recovered_share"] is not None:
-        lines.append(f"top-{topk['k']} in float wins back {topk['recovered_share']:.2f} of the loss "
-                     f"{_iv(topk['interval'])}")
+        lo, hi = topk["interval"]
+        lines.append(f"top-{topk['k']} in float wins back {topk['recovered_share']:.2f} of the loss [{lo:.2f}, {hi:.2f}]")
     elif topk.get("why_none"):
         lines.append(f"top-{topk['k']} share of the loss: not measurable (the loss is within noise)")
     if topk["vs_random"] is not None:
